@@ -1,0 +1,3 @@
+from schedscope.main import main
+
+main()

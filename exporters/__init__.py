@@ -1,0 +1,1 @@
+"""Exporters: OTLP, Prometheus /metrics, KV-event relay and ingest, Perfetto, files."""

@@ -1,0 +1,156 @@
+"""Per-engine bookkeeping in the sidecar: identity, clock anchor, seq tracking, restarts.
+
+One EngineRegistry per sidecar; it is bounded (least recently seen engines are forgotten and
+counted). Only the processing thread touches it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+from schedscope.telemetry.schema import (
+    DecodedFrame,
+    EmitterStats,
+    EngineHello,
+    EngineInfo,
+    Heartbeat,
+)
+
+
+@dataclass
+class EngineRecord:
+    """What the sidecar knows about one engine instance (one engine_id)."""
+
+    engine_id: str
+    info: EngineInfo | None = None
+    anchor_wall_ns: int | None = None  # wall clock at anchor_mono_ns, from hello/heartbeat
+    anchor_mono_ns: int | None = None
+    last_seq: int = -1
+    messages: int = 0
+    lost_messages: int = 0  # seq gaps
+    out_of_order: int = 0  # seq not increasing without a restart
+    engine_dropped_messages: int = 0  # as reported by the emitter (EmitterStats)
+    engine_dropped_events: int = 0
+    saw_hello: bool = False
+    last_seen_wall_ns: int = field(default_factory=time.time_ns)
+
+    def to_wall_ns(self, mono_ns: int) -> int:
+        """Engine monotonic time -> wall time, via the latest clock anchor.
+
+        Before any anchor arrives, assume the engine's clock is this machine's monotonic clock
+        (true for an engine on the same host, which is the common case).
+        """
+        if self.anchor_wall_ns is None or self.anchor_mono_ns is None:
+            return mono_ns + (time.time_ns() - time.monotonic_ns())
+        return self.anchor_wall_ns + (mono_ns - self.anchor_mono_ns)
+
+    def same_identity(self, info: EngineInfo) -> bool:
+        """Another engine_id with this identity means this engine restarted."""
+        mine = self.info
+        return mine is not None and (
+            mine.hostname,
+            mine.model,
+            mine.engine_type,
+            mine.tp_rank,
+            mine.pp_rank,
+            mine.dp_rank,
+        ) == (info.hostname, info.model, info.engine_type, info.tp_rank, info.pp_rank, info.dp_rank)
+
+
+@dataclass
+class Observation:
+    """What one frame told the registry."""
+
+    record: EngineRecord
+    new_engine: bool = False
+    gap: int = 0  # messages lost just before this one
+    duplicate: bool = False  # seq already seen: caller should skip the frame
+    restarted: bool = False  # same engine_id re-sent a hello with a lower seq
+    replaced: list[EngineRecord] = field(default_factory=list)  # older instances it replaces
+
+
+class EngineRegistry:
+    def __init__(self, max_engines: int = 1024) -> None:
+        if max_engines < 1:
+            raise ValueError("max_engines must be >= 1")
+        self.max_engines = max_engines
+        self._engines: OrderedDict[str, EngineRecord] = OrderedDict()
+        self.evicted_engines = 0
+        self.lost_messages_total = 0
+        self.restarts_total = 0
+
+    def __len__(self) -> int:
+        return len(self._engines)
+
+    def __iter__(self):
+        return iter(list(self._engines.values()))
+
+    def get(self, engine_id: str) -> EngineRecord | None:
+        return self._engines.get(engine_id)
+
+    def observe(self, frame: DecodedFrame) -> Observation:
+        """Account for one frame: seq gaps, restarts, identity and clock anchors."""
+        hello = next((e for e in frame.events if isinstance(e, EngineHello)), None)
+        record = self._engines.get(frame.engine_id)
+        obs: Observation
+        if record is None:
+            record = EngineRecord(frame.engine_id)
+            self._remember(record)
+            obs = Observation(record, new_engine=True)
+            if hello is not None:
+                # Seen from its start: the frames before the hello were dropped by the emitter.
+                obs.gap = frame.seq
+        else:
+            self._engines.move_to_end(frame.engine_id)
+            obs = Observation(record)
+            expected = record.last_seq + 1
+            if frame.seq >= expected:
+                obs.gap = frame.seq - expected
+            elif hello is not None and frame.seq == 0:
+                obs.restarted = True  # same id, counting from 0 again: a new instance
+                self.restarts_total += 1
+                record.last_seq = -1
+            else:
+                obs.duplicate = True
+                record.out_of_order += 1
+                return obs
+        record.lost_messages += obs.gap
+        self.lost_messages_total += obs.gap
+        record.last_seq = frame.seq
+        record.messages += 1
+        record.last_seen_wall_ns = time.time_ns()
+        for ev in frame.events:
+            if isinstance(ev, EngineHello | Heartbeat):
+                record.anchor_wall_ns = ev.wall_ns
+                record.anchor_mono_ns = ev.ts
+                if record.info is None and obs.new_engine:
+                    obs.replaced = self._replaced_by(record, ev.info)
+                record.info = ev.info
+                record.saw_hello = record.saw_hello or isinstance(ev, EngineHello)
+            elif isinstance(ev, EmitterStats):
+                record.engine_dropped_messages = ev.dropped_messages
+                record.engine_dropped_events = ev.dropped_events
+        return obs
+
+    def forget(self, engine_id: str) -> EngineRecord | None:
+        return self._engines.pop(engine_id, None)
+
+    def _replaced_by(self, record: EngineRecord, info: EngineInfo) -> list[EngineRecord]:
+        """Older engine_ids with the same identity: the engine restarted under a new id."""
+        old = [
+            r
+            for r in self._engines.values()
+            if r.engine_id != record.engine_id and r.same_identity(info)
+        ]
+        for r in old:
+            self._engines.pop(r.engine_id, None)
+            self.restarts_total += 1
+        return old
+
+    def _remember(self, record: EngineRecord) -> None:
+        self._engines[record.engine_id] = record
+        while len(self._engines) > self.max_engines:
+            self._engines.popitem(last=False)
+            self.evicted_engines += 1
