@@ -7,28 +7,35 @@ Cost model (DESIGN §3): building a msgspec Struct and appending it is ~0.5 µs;
 an idle gap (a GPU step) costs ~20 µs because it wakes libzmq's I/O thread. So events are
 appended to a buffer and sent as one message when ``flush_interval_s`` has passed or the buffer
 is full, checked at ``end_step()``. Pause, idle and shutdown call ``flush()`` so the sidecar
-sees them at once.
+sees them at once. An idle engine should still call ``end_step()`` now and then (e.g. from its
+idle hook): with an empty buffer it only sends the heartbeat when one is due.
 
 The engine never waits: sends are non-blocking. If the socket would block (queue full, no
 sidecar connected), the message is dropped, its seq is still consumed (so the sidecar sees the
 gap), and cumulative drop counts travel in an EmitterStats event with the next message.
+
+Known blind spot: messages ZMQ accepted into its pipe just before the sidecar died are lost
+without the emitter knowing; a sidecar that keeps running sees them as a seq gap.
 
 Torch-free.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
-import tempfile
 import time
 import uuid
 from collections.abc import Callable
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from schedscope import __version__
 from schedscope.telemetry.schema import (
+    DEFAULT_ENDPOINT,
+    ENV_ENDPOINT,
     EmitterStats,
     EngineHello,
     EngineInfo,
@@ -36,22 +43,20 @@ from schedscope.telemetry.schema import (
     Heartbeat,
     Shutdown,
     encode_envelope,
+    resolve_endpoint,
 )
 
-ENV_ENDPOINT = "SCHEDSCOPE_ENDPOINT"
-DEFAULT_ENDPOINT = f"ipc://{tempfile.gettempdir()}/schedscope-events.sock"
+__all__ = [
+    "DEFAULT_ENDPOINT",
+    "ENV_ENDPOINT",
+    "AnyEmitter",
+    "Emitter",
+    "NullEmitter",
+    "new_engine_id",
+    "resolve_endpoint",
+]
 
 _now_ns: Callable[[], int] = time.monotonic_ns
-
-
-def resolve_endpoint(endpoint: str | None = None) -> str:
-    """Argument, then $SCHEDSCOPE_ENDPOINT, then the default ipc:// path."""
-    chosen = endpoint or os.environ.get(ENV_ENDPOINT) or DEFAULT_ENDPOINT
-    if not chosen.startswith(("ipc://", "tcp://", "inproc://")):
-        raise ValueError(
-            f"invalid endpoint {chosen!r}: expected ipc://PATH, tcp://HOST:PORT or inproc://NAME"
-        )
-    return chosen
 
 
 def new_engine_id() -> str:
@@ -73,6 +78,7 @@ class Emitter:
         max_batch_events: int = 1024,
         heartbeat_interval_s: float = 1.0,
         sndhwm: int = 1000,
+        max_message_bytes: int = 16 * 1024 * 1024,
         bind: bool = False,
         context: zmq.Context | None = None,
     ) -> None:
@@ -92,6 +98,9 @@ class Emitter:
         self._flush_interval_ns = int(flush_interval_s * 1e9)
         self._heartbeat_interval_ns = int(heartbeat_interval_s * 1e9)
         self._max_batch_events = max_batch_events
+        # Frames the sidecar's MAXMSGSIZE would refuse are dropped here: libzmq would otherwise
+        # cut the whole connection and take the messages queued behind it down too.
+        self.max_message_bytes = max_message_bytes
 
         self._owns_context = context is None
         self._ctx = context or zmq.Context()
@@ -100,10 +109,23 @@ class Emitter:
         self._sock.setsockopt(zmq.LINGER, 0)
         # Without IMMEDIATE, messages would queue up for a peer that is not there.
         self._sock.setsockopt(zmq.IMMEDIATE, 1)
-        if bind:
-            self._sock.bind(self.endpoint)
-        else:
-            self._sock.connect(self.endpoint)
+        # Connection events tell us when a (new) sidecar is there, so the hello goes out again
+        # at once: a sidecar that (re)starts learns who we are without waiting for a heartbeat.
+        self._monitor = self._sock.get_monitor_socket(
+            zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
+        )
+        self.connected = False
+        self.connects = 0
+        self.disconnects = 0
+        try:
+            if bind:
+                self._sock.bind(self.endpoint)
+            else:
+                self._sock.connect(self.endpoint)
+        except zmq.ZMQError as exc:
+            self._close_sockets()
+            verb = "bind" if bind else "connect"
+            raise OSError(f"cannot {verb} raw-event socket {self.endpoint!r}: {exc}") from None
 
         self._events: list[Event] = []
         self._seq = 0
@@ -111,6 +133,7 @@ class Emitter:
         self.sent_events = 0
         self.dropped_messages = 0
         self.dropped_events = 0
+        self.oversized_messages = 0
         self._drops_unreported = False
         self._hello_pending = True  # re-sent until one message carrying it gets through
         self._closed = False
@@ -145,6 +168,7 @@ class Emitter:
             self._events.clear()
             return
         self._next_flush_ns = now + self._flush_interval_ns
+        self._poll_connection()
         prefix: list[Event] = []
         if self._hello_pending:
             prefix.append(EngineHello(ts=now, wall_ns=time.time_ns(), info=self.info))
@@ -152,8 +176,8 @@ class Emitter:
         elif now >= self._next_heartbeat_ns:
             prefix.append(Heartbeat(ts=now, wall_ns=time.time_ns(), info=self.info))
             self._next_heartbeat_ns = now + self._heartbeat_interval_ns
-        if self._drops_unreported or (prefix and self.dropped_messages):
-            prefix.append(EmitterStats(now, self.dropped_messages, self.dropped_events))
+        if prefix or self._drops_unreported:
+            prefix.append(self._stats_event(now))
         events = self._events
         if not events and not prefix:
             return
@@ -164,17 +188,19 @@ class Emitter:
             events = events[self._max_batch_events :]
             # Only the first chunk carries the hello/heartbeat/stats prefix.
             carries_hello = first and self._hello_pending
-            carries_stats = first and bool(prefix) and isinstance(prefix[-1], EmitterStats)
+            carries_stats = first and bool(prefix)
             prefix = []
             first = False
             frame = encode_envelope(self.engine_id, self._seq, chunk)
             self._seq += 1
+            if len(frame) > self.max_message_bytes:
+                self.oversized_messages += 1
+                self._drop(len(chunk))
+                continue
             try:
                 self._sock.send(frame, zmq.NOBLOCK, copy=len(frame) < 65536)
             except zmq.Again:
-                self.dropped_messages += 1
-                self.dropped_events += len(chunk)
-                self._drops_unreported = True
+                self._drop(len(chunk))
                 continue
             self.sent_messages += 1
             self.sent_events += len(chunk)
@@ -182,6 +208,39 @@ class Emitter:
                 self._hello_pending = False
             if carries_stats:
                 self._drops_unreported = False
+
+    def _drop(self, n_events: int) -> None:
+        self.dropped_messages += 1
+        self.dropped_events += n_events
+        self._drops_unreported = True
+
+    def _stats_event(self, now: int) -> EmitterStats:
+        return EmitterStats(
+            now,
+            self.dropped_messages,
+            self.dropped_events,
+            self.sent_messages,
+            self.oversized_messages,
+        )
+
+    def _poll_connection(self) -> None:
+        """Read pending connection events (cheap: a flag check unless something happened)."""
+        mon = self._monitor
+        while mon.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            event = recv_monitor_message(mon, zmq.NOBLOCK)["event"]
+            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self.connected = True
+                self.connects += 1
+                self._hello_pending = True
+            elif event == zmq.EVENT_DISCONNECTED:
+                self.connected = False
+                self.disconnects += 1
+
+    def poll_connection(self) -> bool:
+        """Update and return ``connected`` (for health checks and tests; not the hot path)."""
+        if not self._closed:
+            self._poll_connection()
+        return self.connected
 
     @property
     def next_seq(self) -> int:
@@ -194,6 +253,12 @@ class Emitter:
         self.emit(Shutdown(ts=_now_ns(), reason=reason))
         self.flush()
         self._closed = True
+        self._close_sockets()
+
+    def _close_sockets(self) -> None:
+        with contextlib.suppress(zmq.ZMQError):
+            self._sock.disable_monitor()
+        self._monitor.close(linger=0)
         self._sock.close(linger=0)
         if self._owns_context:
             self._ctx.term()
@@ -210,7 +275,8 @@ class NullEmitter:
 
     enabled = False
     engine_id = ""
-    sent_messages = sent_events = dropped_messages = dropped_events = 0
+    connected = False
+    sent_messages = sent_events = dropped_messages = dropped_events = oversized_messages = 0
 
     def emit(self, event: Event) -> None:
         pass

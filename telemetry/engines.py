@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from schedscope.telemetry.schema import (
@@ -16,7 +17,13 @@ from schedscope.telemetry.schema import (
     EngineHello,
     EngineInfo,
     Heartbeat,
+    Shutdown,
 )
+
+# An engine_id that has been silent this long (heartbeats come every second) and whose
+# identity shows up under a new engine_id is taken to have restarted. A live one is not: two
+# replicas on one host can share (model, ranks).
+DEFAULT_RESTART_STALE_S = 3.0
 
 
 @dataclass
@@ -28,12 +35,16 @@ class EngineRecord:
     anchor_wall_ns: int | None = None  # wall clock at anchor_mono_ns, from hello/heartbeat
     anchor_mono_ns: int | None = None
     last_seq: int = -1
+    first_seq: int = -1  # seq of the first frame this sidecar saw (> 0: it joined late)
     messages: int = 0
     lost_messages: int = 0  # seq gaps
     out_of_order: int = 0  # seq not increasing without a restart
     engine_dropped_messages: int = 0  # as reported by the emitter (EmitterStats)
     engine_dropped_events: int = 0
+    engine_sent_messages: int = 0
+    engine_oversized_messages: int = 0
     saw_hello: bool = False
+    shut_down: bool = False  # sent Shutdown: it exited on purpose
     last_seen_wall_ns: int = field(default_factory=time.time_ns)
 
     def to_wall_ns(self, mono_ns: int) -> int:
@@ -72,10 +83,13 @@ class Observation:
 
 
 class EngineRegistry:
-    def __init__(self, max_engines: int = 1024) -> None:
+    def __init__(
+        self, max_engines: int = 1024, restart_stale_s: float = DEFAULT_RESTART_STALE_S
+    ) -> None:
         if max_engines < 1:
             raise ValueError("max_engines must be >= 1")
         self.max_engines = max_engines
+        self.restart_stale_ns = int(restart_stale_s * 1e9)
         self._engines: OrderedDict[str, EngineRecord] = OrderedDict()
         self.evicted_engines = 0
         self.lost_messages_total = 0
@@ -84,7 +98,7 @@ class EngineRegistry:
     def __len__(self) -> int:
         return len(self._engines)
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[EngineRecord]:
         return iter(list(self._engines.values()))
 
     def get(self, engine_id: str) -> EngineRecord | None:
@@ -96,22 +110,23 @@ class EngineRegistry:
         record = self._engines.get(frame.engine_id)
         obs: Observation
         if record is None:
-            record = EngineRecord(frame.engine_id)
+            record = EngineRecord(frame.engine_id, first_seq=frame.seq)
             self._remember(record)
+            # NOTE: no gap on first sight. Frames before it went to an earlier sidecar or were
+            # dropped by the emitter, which reports those itself (EmitterStats).
             obs = Observation(record, new_engine=True)
-            if hello is not None:
-                # Seen from its start: the frames before the hello were dropped by the emitter.
-                obs.gap = frame.seq
         else:
             self._engines.move_to_end(frame.engine_id)
             obs = Observation(record)
             expected = record.last_seq + 1
             if frame.seq >= expected:
                 obs.gap = frame.seq - expected
-            elif hello is not None and frame.seq == 0:
-                obs.restarted = True  # same id, counting from 0 again: a new instance
+            elif hello is not None:
+                # Same id counting from a lower seq, with a hello: a new instance (an engine
+                # restarted with a fixed engine_id).
+                obs.restarted = True
                 self.restarts_total += 1
-                record.last_seq = -1
+                record.shut_down = False
             else:
                 obs.duplicate = True
                 record.out_of_order += 1
@@ -120,29 +135,37 @@ class EngineRegistry:
         self.lost_messages_total += obs.gap
         record.last_seq = frame.seq
         record.messages += 1
-        record.last_seen_wall_ns = time.time_ns()
+        now = time.time_ns()
+        record.last_seen_wall_ns = now
         for ev in frame.events:
             if isinstance(ev, EngineHello | Heartbeat):
                 record.anchor_wall_ns = ev.wall_ns
                 record.anchor_mono_ns = ev.ts
-                if record.info is None and obs.new_engine:
-                    obs.replaced = self._replaced_by(record, ev.info)
+                if record.info is None and isinstance(ev, EngineHello):
+                    obs.replaced = self._replaced_by(record, ev.info, now)
                 record.info = ev.info
                 record.saw_hello = record.saw_hello or isinstance(ev, EngineHello)
             elif isinstance(ev, EmitterStats):
                 record.engine_dropped_messages = ev.dropped_messages
                 record.engine_dropped_events = ev.dropped_events
+                record.engine_sent_messages = ev.sent_messages
+                record.engine_oversized_messages = ev.oversized_messages
+            elif isinstance(ev, Shutdown):
+                record.shut_down = True
         return obs
 
     def forget(self, engine_id: str) -> EngineRecord | None:
         return self._engines.pop(engine_id, None)
 
-    def _replaced_by(self, record: EngineRecord, info: EngineInfo) -> list[EngineRecord]:
-        """Older engine_ids with the same identity: the engine restarted under a new id."""
+    def _replaced_by(self, record: EngineRecord, info: EngineInfo, now: int) -> list[EngineRecord]:
+        """Older engine_ids with the same identity that exited or went silent: the engine
+        restarted under a new id."""
         old = [
             r
             for r in self._engines.values()
-            if r.engine_id != record.engine_id and r.same_identity(info)
+            if r.engine_id != record.engine_id
+            and r.same_identity(info)
+            and (r.shut_down or now - r.last_seen_wall_ns >= self.restart_stale_ns)
         ]
         for r in old:
             self._engines.pop(r.engine_id, None)

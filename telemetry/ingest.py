@@ -3,25 +3,37 @@ receiving thread, and hand them to the processing thread through a bounded queue
 
 Nothing here blocks the engine: the engine side is non-blocking, and when this side falls
 behind, the bounded queue drops whole frames and counts them (the seq gap shows up as well).
+
+Oversized frames: the socket has ZMQ_MAXMSGSIZE set. libzmq does not hand such a frame up, nor
+say why: it closes that peer's connection (monitor event DISCONNECTED), discarding the frame
+and whatever the peer had queued behind it; the peer reconnects on its own (reconnect_ivl).
+So it is counted twice, honestly: ``unexpected_disconnects`` (a connection that went away
+without its engine saying Shutdown) here, and the lost messages as a seq gap once the engine's
+next frame arrives on the new connection (EngineRegistry). Frames fed to ``accept()`` directly
+(replay, tests) over the limit are counted in ``bad_frames["oversized"]``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import queue
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
 
 import zmq
+from zmq.utils.monitor import parse_monitor_message
 
-from schedscope.telemetry.schema import DecodedFrame, FrameError, decode_envelope
+from schedscope.telemetry.schema import DecodedFrame, FrameError, Shutdown, decode_envelope
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 DEFAULT_QUEUE_SIZE = 10_000
+DEFAULT_RCVHWM = 1_000  # frames buffered by ZMQ itself; with the queue, bounds memory
 
 
 @dataclass
@@ -35,9 +47,14 @@ class IngestCounters:
         default_factory=lambda: {"malformed": 0, "schema_version": 0, "oversized": 0}
     )
     rejected_events: int = 0  # unknown tag / invalid event inside an otherwise good frame
+    unknown_events: int = 0  # the part of rejected_events with a tag this sidecar doesn't know
     queue_dropped_frames: int = 0
     queue_dropped_events: int = 0
-    peer_disconnects: int = 0  # includes connections libzmq cut for exceeding MAXMSGSIZE
+    peer_connections: int = 0  # connections that completed the ZMTP handshake
+    peer_disconnects: int = 0  # every connection that went away
+    # Went away without a Shutdown from its engine: crash, network, or libzmq cutting a peer
+    # that sent a frame over MAXMSGSIZE (libzmq does not say which).
+    unexpected_disconnects: int = 0
     last_error: str = ""
 
     @property
@@ -67,7 +84,7 @@ class Ingest:
         bind: bool = True,
         queue_size: int = DEFAULT_QUEUE_SIZE,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-        rcvhwm: int = 10_000,
+        rcvhwm: int = DEFAULT_RCVHWM,
         context: zmq.Context | None = None,
     ) -> None:
         if queue_size < 1:
@@ -87,6 +104,10 @@ class Ingest:
         self._sock: zmq.Socket | None = None
         self._monitor: zmq.Socket | None = None
         self.bound_endpoint: str | None = None
+        self._stopped = False
+        # Connection (source fd) -> engine_id and whether its last frame said Shutdown, so a
+        # disconnect can be told apart from a clean exit. Receiving thread only.
+        self._conn_engine: dict[int, tuple[str, bool]] = {}
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -99,22 +120,31 @@ class Ingest:
         sock.setsockopt(zmq.MAXMSGSIZE, self.max_message_bytes)
         try:
             if self.bind:
+                _refuse_live_ipc_socket(self.endpoint)
                 sock.bind(self.endpoint)
                 self.bound_endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
             else:
                 sock.connect(self.endpoint)
                 self.bound_endpoint = self.endpoint
-        except zmq.ZMQError as exc:
+        except (zmq.ZMQError, OSError) as exc:
             sock.close(linger=0)
+            if self._owns_context:
+                self._ctx.term()
+            self._stopped = True
             verb = "bind" if self.bind else "connect"
-            raise OSError(f"cannot {verb} raw-event socket {self.endpoint!r}: {exc}") from None
-        self._monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+            raise OSError(f"cannot {verb} raw-event socket {self.endpoint}: {exc}") from None
+        self._monitor = sock.get_monitor_socket(
+            zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
+        )
         self._sock = sock
         self._thread = threading.Thread(target=self._run, name="schedscope-ingest", daemon=True)
         self._thread.start()
         return self
 
     def stop(self, timeout: float = 2.0) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout)
@@ -165,19 +195,28 @@ class Ingest:
                 ready = dict(poller.poll(100))
             except zmq.ZMQError:
                 break
+            if ready:
+                # Frames first: a Shutdown frame is already queued when its disconnect is
+                # reported, and must be seen first for the disconnect to count as clean.
+                self._receive_available()
             if self._monitor in ready:
                 self._drain_monitor()
-            if self._sock in ready:
-                self._receive_available()
 
     def _drain_monitor(self) -> None:
         assert self._monitor is not None
+        c = self.counters
         while True:
             try:
-                self._monitor.recv_multipart(zmq.NOBLOCK)
+                msg = parse_monitor_message(self._monitor.recv_multipart(zmq.NOBLOCK))
             except zmq.Again:
                 return
-            self.counters.peer_disconnects += 1
+            if msg["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                c.peer_connections += 1
+                continue
+            c.peer_disconnects += 1
+            _engine, said_shutdown = self._conn_engine.pop(int(msg["value"]), ("", False))
+            if not said_shutdown:
+                c.unexpected_disconnects += 1
 
     def _receive_available(self, budget: int = 1000) -> None:
         assert self._sock is not None
@@ -186,26 +225,46 @@ class Ingest:
                 parts = self._sock.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
-            self.accept(b"".join(p.buffer for p in parts) if len(parts) > 1 else parts[0].buffer)
+            if len(parts) != 1:
+                self._count_bad("malformed", f"expected 1 ZMQ frame per message, got {len(parts)}")
+                continue
+            frame = self.accept(parts[0].buffer)
+            if frame is not None:
+                # NOTE: SRCFD is deprecated in libzmq 4.3 but is the only way to know which
+                # connection a PULL message came from; -1 where unsupported (e.g. inproc).
+                said_shutdown = bool(frame.events) and type(frame.events[-1]) is Shutdown
+                fd = parts[0].get(zmq.SRCFD)
+                if fd >= 0:
+                    self._conn_engine[fd] = (frame.engine_id, said_shutdown)
 
-    def accept(self, data: bytes | memoryview) -> None:
-        """Decode, validate and enqueue one frame (public so tests and replay can feed bytes)."""
+    def _count_bad(self, kind: str, message: str) -> None:
+        c = self.counters
+        c.frames_received += 1
+        c.bad_frames[kind] = c.bad_frames.get(kind, 0) + 1
+        c.last_error = message
+
+    def accept(self, data: bytes | memoryview) -> DecodedFrame | None:
+        """Decode, validate and enqueue one frame (public so tests and replay can feed bytes).
+
+        Returns the decoded frame (even when the queue was full), or None if it was refused.
+        """
         c = self.counters
         c.frames_received += 1
         c.bytes_received += len(data)
         if len(data) > self.max_message_bytes:
             c.bad_frames["oversized"] += 1
             c.last_error = f"frame of {len(data)} bytes exceeds {self.max_message_bytes}"
-            return
+            return None
         try:
             frame = decode_envelope(data)
         except FrameError as exc:
             c.bad_frames[exc.kind] = c.bad_frames.get(exc.kind, 0) + 1
             c.last_error = str(exc)
             log.debug("rejected frame: %s", exc)
-            return
+            return None
         if frame.rejected_events:
             c.rejected_events += frame.rejected_events
+            c.unknown_events += frame.unknown_events
             c.last_error = frame.errors[-1]
         c.events_received += len(frame.events)
         try:
@@ -213,3 +272,20 @@ class Ingest:
         except queue.Full:
             c.queue_dropped_frames += 1
             c.queue_dropped_events += len(frame.events)
+        return frame
+
+
+def _refuse_live_ipc_socket(endpoint: str) -> None:
+    """libzmq binds an ipc:// path by unlinking whatever is there, silently stealing the
+    endpoint from a sidecar that is still running. Refuse instead if someone answers on it."""
+    if not endpoint.startswith("ipc://"):
+        return
+    path = endpoint[len("ipc://") :]
+    if not path or path.startswith("@") or not os.path.exists(path):
+        return
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(path)
+        except OSError:
+            return  # a stale file from a process that is gone: libzmq replaces it
+    raise OSError("address already in use (another process is listening on it)")

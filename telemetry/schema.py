@@ -13,11 +13,29 @@ Torch-free on purpose: both sides import it.
 
 from __future__ import annotations
 
+import os
+import tempfile
 from typing import Union
 
 import msgspec
 
 SCHEMA_VERSION = 1
+
+# Where engines send and the sidecar listens: argument, then $SCHEDSCOPE_ENDPOINT, then this.
+ENV_ENDPOINT = "SCHEDSCOPE_ENDPOINT"
+DEFAULT_ENDPOINT = f"ipc://{tempfile.gettempdir()}/schedscope-events.sock"
+ENDPOINT_SCHEMES = ("ipc://", "tcp://", "inproc://")
+
+
+def resolve_endpoint(endpoint: str | None = None) -> str:
+    """Argument, then $SCHEDSCOPE_ENDPOINT, then the default ipc:// path."""
+    chosen = endpoint or os.environ.get(ENV_ENDPOINT) or DEFAULT_ENDPOINT
+    if not chosen.startswith(ENDPOINT_SCHEMES) or chosen in ENDPOINT_SCHEMES:
+        raise ValueError(
+            f"invalid endpoint {chosen!r}: expected ipc://PATH, tcp://HOST:PORT or inproc://NAME"
+        )
+    return chosen
+
 
 # Batch modes (strings on the wire: readable in recordings, tiny next to the rest).
 MODE_PREFILL = "prefill"
@@ -83,10 +101,17 @@ class Heartbeat(Event, tag=2):
 
 
 class EmitterStats(Event, tag=3):
-    """Cumulative counts of what the emitter had to drop (socket would block, no sidecar)."""
+    """Cumulative counts of what the emitter had to drop (socket would block, no sidecar).
+
+    Sent with the next message that gets through after a drop, and with every hello/heartbeat.
+    """
 
     dropped_messages: int
     dropped_events: int
+    # Added in schema 1 (optional, at the end): messages handed to ZMQ so far, and messages the
+    # emitter refused itself for exceeding its max_message_bytes (also in dropped_messages).
+    sent_messages: int = 0
+    oversized_messages: int = 0
 
 
 class Shutdown(Event, tag=4):
@@ -337,13 +362,15 @@ class FrameError(ValueError):
 
     def __init__(self, kind: str, message: str) -> None:
         super().__init__(message)
-        self.kind = kind  # "malformed" | "schema_version" | "unknown_event" | "oversized"
+        self.kind = kind  # "malformed" | "schema_version" | "oversized"
 
 
 _encoder = msgspec.msgpack.Encoder()
 _envelope_decoder = msgspec.msgpack.Decoder(Envelope)
+# Slow path: take the frame apart one level at a time, so one bad part is named and counted.
+_array_decoder = msgspec.msgpack.Decoder(list[msgspec.Raw])
+_int_decoder = msgspec.msgpack.Decoder(int)
 _header_decoder = msgspec.msgpack.Decoder(tuple[int, str, int, list[msgspec.Raw]])
-_events_decoder = msgspec.msgpack.Decoder(list[AnyEvent])
 _event_decoder = msgspec.msgpack.Decoder(AnyEvent)
 
 
@@ -360,8 +387,9 @@ class DecodedFrame(msgspec.Struct, gc=False):
     engine_id: str
     seq: int
     events: list[Event]
-    rejected_events: int = 0  # events of this frame dropped as unknown/invalid
+    rejected_events: int = 0  # events of this frame dropped (unknown tag or invalid fields)
     errors: list[str] = []
+    unknown_events: int = 0  # the part of rejected_events whose tag this sidecar does not know
 
 
 def decode_envelope(frame: bytes | memoryview) -> DecodedFrame:
@@ -369,7 +397,7 @@ def decode_envelope(frame: bytes | memoryview) -> DecodedFrame:
 
     Raises FrameError for a frame that cannot be used at all (garbage, truncated, wrong schema
     version). A frame whose events are mostly valid keeps them: each unknown or invalid event is
-    dropped on its own and reported in ``rejected_events`` / ``errors``.
+    dropped on its own and reported in ``rejected_events`` / ``unknown_events`` / ``errors``.
     """
     try:  # fast path: the whole frame is valid
         env = _envelope_decoder.decode(frame)
@@ -377,26 +405,52 @@ def decode_envelope(frame: bytes | memoryview) -> DecodedFrame:
             return DecodedFrame(env.engine_id, env.seq, env.events)
     except (msgspec.DecodeError, msgspec.ValidationError):
         pass
+    return _decode_slow(frame)
+
+
+def _decode_slow(frame: bytes | memoryview) -> DecodedFrame:
     try:
-        version, engine_id, seq, raw_events = _header_decoder.decode(frame)
+        parts = _array_decoder.decode(frame)
+        # The version is checked before the rest, so a future envelope of another shape is
+        # reported as a version mismatch, not as garbage.
+        version = _int_decoder.decode(parts[0]) if parts else None
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         raise FrameError("malformed", f"malformed frame: {exc}") from None
+    if version is None:
+        raise FrameError("malformed", "malformed frame: empty envelope")
     if version != SCHEMA_VERSION:
         raise FrameError(
             "schema_version",
-            f"unsupported schema version {version} from engine {engine_id!r} "
-            f"(this sidecar speaks {SCHEMA_VERSION})",
+            f"unsupported schema version {version} (this sidecar speaks {SCHEMA_VERSION})",
         )
+    try:
+        _, engine_id, seq, raw_events = _header_decoder.decode(frame)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise FrameError("malformed", f"malformed envelope: {exc}") from None
     if seq < 0:
         raise FrameError("malformed", f"negative seq {seq} from engine {engine_id!r}")
     events: list[Event] = []
     errors: list[str] = []
+    unknown = 0
     for raw in raw_events:
         try:
             events.append(_event_decoder.decode(raw))
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            errors.append(str(exc))
-    return DecodedFrame(engine_id, seq, events, len(errors), errors)
+            tag = _event_tag(raw)
+            if tag is not None and tag not in EVENT_TAGS:
+                unknown += 1
+                errors.append(f"unknown event tag {tag} from engine {engine_id!r}")
+            else:
+                errors.append(f"invalid event (tag {tag}) from engine {engine_id!r}: {exc}")
+    return DecodedFrame(engine_id, seq, events, len(errors), errors, unknown)
+
+
+def _event_tag(raw: msgspec.Raw) -> int | None:
+    try:
+        parts = _array_decoder.decode(raw)
+        return _int_decoder.decode(parts[0]) if parts else None
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
 
 
 def event_type_name(event: Event | KvBlockEvent) -> str:
