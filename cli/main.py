@@ -1,10 +1,23 @@
-"""The `schedscope` command line. Each subcommand lives in its own module (cmd_*.py)."""
+"""The `schedscope` command line. Each subcommand lives in its own module (cmd_*.py).
+
+Errors a user can cause (unknown option, bad value, port in use, unwritable folder) print ONE
+line on stderr and exit non-zero (2 for usage/value errors): no usage dump, no traceback.
+"""
 
 from __future__ import annotations
 
+import importlib
+import sys
+
 import typer
 
+try:  # typer >= 0.22 vendors click as typer._click (its own exception classes)
+    from typer._click import exceptions as cx
+except ImportError:  # older typer: plain click
+    from click import exceptions as cx
+
 from schedscope import __version__
+from schedscope.settings import EXIT_USAGE, CliError
 
 app = typer.Typer(
     name="schedscope",
@@ -13,6 +26,10 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+# Imported lazily by _register so `schedscope --help` stays fast and only the commands that run
+# the engine import torch. A module that is missing (not built yet) is skipped, never fatal.
+COMMAND_MODULES = ("cmd_demo", "cmd_sidecar", "cmd_engine", "cmd_record", "cmd_replay")
 
 
 def _version(value: bool) -> None:
@@ -30,17 +47,57 @@ def _root(
     """schedscope: raw scheduler events in; OpenTelemetry, Prometheus and KV streams out."""
 
 
-def _register() -> None:
-    # Imported here so `schedscope --help` stays fast and torch is only imported by commands
-    # that run the engine.
-    from schedscope import cmd_sidecar
+_registered = False
 
-    cmd_sidecar.register(app)
+
+def _register() -> None:
+    global _registered
+    if _registered:
+        return
+    _registered = True
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(f"schedscope.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"schedscope.{name}":
+                raise  # a real missing dependency inside the module: say so
+            continue
+        module.register(app)
+
+
+def _fail(message: str, code: int) -> int:
+    sys.stderr.write(f"{message}\n")
+    sys.stderr.flush()
+    return code
+
+
+def run(argv: list[str] | None = None) -> int:
+    """Run the CLI and return its exit status (used by main() and by tests in-process)."""
+    _register()
+    try:
+        result = app(args=argv, prog_name="schedscope", standalone_mode=False)
+    except CliError as exc:
+        return _fail(str(exc), exc.code)
+    except cx.NoArgsIsHelpError as exc:
+        # Bare `schedscope` or a group without a subcommand: show the help, like --help.
+        sys.stdout.write(exc.ctx.get_help() + "\n")
+        return 0
+    except cx.UsageError as exc:
+        cmd = exc.ctx.command_path if exc.ctx is not None else "schedscope"
+        return _fail(f"{cmd}: {exc.format_message()} (see '{cmd} --help')", EXIT_USAGE)
+    except cx.ClickException as exc:
+        return _fail(f"schedscope: {exc.format_message()}", exc.exit_code)
+    except typer.Abort:
+        return _fail("schedscope: aborted", 130)
+    except typer.Exit as exc:
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return _fail("schedscope: interrupted", 130)
+    return result if isinstance(result, int) else 0
 
 
 def main() -> None:
-    _register()
-    app()
+    sys.exit(run())
 
 
 if __name__ == "__main__":
