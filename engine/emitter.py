@@ -184,7 +184,8 @@ class Emitter:
         self._events = []
         first = True
         while events or prefix:
-            chunk = prefix + events[: self._max_batch_events]
+            engine_events = events[: self._max_batch_events]
+            chunk = prefix + engine_events
             events = events[self._max_batch_events :]
             # Only the first chunk carries the hello/heartbeat/stats prefix.
             carries_hello = first and self._hello_pending
@@ -195,12 +196,12 @@ class Emitter:
             self._seq += 1
             if len(frame) > self.max_message_bytes:
                 self.oversized_messages += 1
-                self._drop(len(chunk))
+                self._drop(len(engine_events))
                 continue
             try:
                 self._sock.send(frame, zmq.NOBLOCK, copy=len(frame) < 65536)
             except zmq.Again:
-                self._drop(len(chunk))
+                self._drop(len(engine_events))
                 continue
             self.sent_messages += 1
             self.sent_events += len(chunk)
@@ -210,6 +211,7 @@ class Emitter:
                 self._drops_unreported = False
 
     def _drop(self, n_events: int) -> None:
+        # n_events counts the engine's events only, not our own hello/heartbeat/stats.
         self.dropped_messages += 1
         self.dropped_events += n_events
         self._drops_unreported = True
