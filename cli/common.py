@@ -14,7 +14,7 @@ from rich.console import Console
 from schedscope.options import ALL_KEYS, COMMAND_DEFAULTS, options_for
 from schedscope.settings import CliError, Settings, resolve
 
-console = Console(stderr=True, highlight=False)
+console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 def load_settings(

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import struct
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -78,6 +79,8 @@ class RecordingWriter:
         self.dropped_bytes = 0
         self._flush_interval_ns = int(flush_interval_s * 1e9)
         self._next_flush_ns = 0
+        # Writers: the receiving thread, and the processing thread for KV-ingest batches.
+        self._lock = threading.Lock()
         self._file: IO[bytes] | None = open(self.path, "wb")  # noqa: SIM115 (closed in close())
         self._file.write(_HEADER.pack(MAGIC, VERSION, len(meta_bytes)) + meta_bytes)
         self.bytes_written = _HEADER.size + len(meta_bytes)
@@ -86,6 +89,10 @@ class RecordingWriter:
         self, data: bytes | memoryview, recv_wall_ns: int, kind: int = KIND_RAW_EVENTS
     ) -> bool:
         """Append one frame; False (and counted) when the size cap leaves no room for it."""
+        with self._lock:
+            return self._write(data, recv_wall_ns, kind)
+
+    def _write(self, data: bytes | memoryview, recv_wall_ns: int, kind: int) -> bool:
         if self._file is None:
             return False
         size = _RECORD.size + len(data)
@@ -116,12 +123,13 @@ class RecordingWriter:
 
     def close(self) -> None:
         """Write the trailer and close. Idempotent."""
-        if self._file is None:
-            return
-        trailer = json.dumps(self.stats(), separators=(",", ":")).encode()
-        self._file.write(_RECORD.pack(KIND_END, len(trailer), time.time_ns()) + trailer)
-        self._file.close()
-        self._file = None
+        with self._lock:
+            if self._file is None:
+                return
+            trailer = json.dumps(self.stats(), separators=(",", ":")).encode()
+            self._file.write(_RECORD.pack(KIND_END, len(trailer), time.time_ns()) + trailer)
+            self._file.close()
+            self._file = None
 
     def __enter__(self) -> RecordingWriter:
         return self

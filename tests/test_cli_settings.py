@@ -1,0 +1,114 @@
+"""The settings layer: flags > env > config file > defaults, and one-line errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from schedscope.common import load_settings
+from schedscope.settings import CliError
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def test_precedence_flag_over_env_over_file_over_default(tmp_path: Path) -> None:
+    cfg = _write(
+        tmp_path / "s.toml",
+        "prometheus_port = 9001\nrequests = 5\n[demo]\nconcurrency = 3\nmax-new-tokens = 7\n",
+    )
+    env = {"SCHEDSCOPE_PROMETHEUS_PORT": "9002", "SCHEDSCOPE_CONCURRENCY": "4"}
+    flags = {"prometheus_port": 9003}
+    s = load_settings("demo", flags, cfg, environ=env)
+    assert s.prometheus_port == 9003 and s.sources["prometheus_port"] == "--prometheus-port"
+    assert s.concurrency == 4 and s.sources["concurrency"] == "$SCHEDSCOPE_CONCURRENCY"
+    assert s.requests == 5 and s.max_new_tokens == 7  # file: top level and [demo] table
+    assert s.model == "tiny" and s.sources["model"] == "default"
+    # Without the flag the env wins; without both, the file.
+    assert load_settings("demo", {}, cfg, environ=env).prometheus_port == 9002
+    assert load_settings("demo", {}, cfg, environ={}).prometheus_port == 9001
+
+
+def test_standard_otel_variables(tmp_path: Path) -> None:
+    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318", "OTEL_SERVICE_NAME": "x"}
+    s = load_settings("sidecar", {}, None, environ=env)
+    assert s.otlp_endpoint == "http://collector:4318" and s.service_name == "x"
+    env["SCHEDSCOPE_OTLP_ENDPOINT"] = "http://mine:4317"  # ours wins over the standard one
+    assert load_settings("sidecar", {}, None, environ=env).otlp_endpoint == "http://mine:4317"
+
+
+def test_config_file_from_env_and_shared_keys(tmp_path: Path) -> None:
+    # A key of another command at the top level is fine (one file for every command).
+    cfg = _write(tmp_path / "c.toml", 'requests = 9\nendpoint = "tcp://127.0.0.1:5999"\n')
+    s = load_settings("record", {}, None, environ={"SCHEDSCOPE_CONFIG": str(cfg)})
+    assert s.endpoint == "tcp://127.0.0.1:5999"
+
+
+@pytest.mark.parametrize(
+    ("command", "flags", "env", "needle"),
+    [
+        ("sidecar", {"endpoint": "udp://x"}, {}, "invalid --endpoint 'udp://x': expected ipc://"),
+        ("record", {"endpoint": "tcp://host:99999"}, {}, "invalid --endpoint"),
+        ("demo", {}, {"SCHEDSCOPE_PROMETHEUS_PORT": "70000"}, "(from $SCHEDSCOPE_PROMETHEUS_PORT)"),
+        ("demo", {"requests": 0}, {}, "invalid --requests 0: expected a positive integer"),
+        ("demo", {"device": "tpu"}, {}, "expected one of auto, cpu, cuda"),
+        ("sidecar", {}, {"OTEL_EXPORTER_OTLP_ENDPOINT": "collector"}, "expected a URL"),
+        ("sidecar", {"kv_ingest_endpoint": "tcp://*:5557"}, {}, "invalid --kv-ingest-endpoint"),
+    ],
+)
+def test_bad_values_are_one_clear_line(command: str, flags: dict, env: dict, needle: str) -> None:
+    with pytest.raises(CliError) as info:
+        load_settings(command, flags, None, environ=env)
+    assert needle in str(info.value) and "\n" not in str(info.value)
+    assert info.value.code == 2
+
+
+def test_bad_config_files(tmp_path: Path) -> None:
+    with pytest.raises(CliError, match="no such file"):
+        load_settings("demo", {}, tmp_path / "missing.toml", environ={})
+    with pytest.raises(CliError, match="not valid TOML"):
+        load_settings("demo", {}, _write(tmp_path / "a.toml", "x = ["), environ={})
+    with pytest.raises(CliError, match="unknown key 'prometheus_prot'"):
+        load_settings("demo", {}, _write(tmp_path / "b.toml", "prometheus_prot = 1"), environ={})
+    with pytest.raises(CliError, match=r"unknown key 'out' in \[demo\]"):
+        load_settings("demo", {}, _write(tmp_path / "c.toml", '[demo]\nout = "x"'), environ={})
+    with pytest.raises(CliError, match=r"from .*d.toml key 'concurrency'"):
+        load_settings("demo", {}, _write(tmp_path / "d.toml", "concurrency = -1"), environ={})
+
+
+def test_unwritable_out_dir(tmp_path: Path) -> None:
+    blocker = _write(tmp_path / "file", "")
+    with pytest.raises(CliError, match="is not a directory"):
+        load_settings("demo", {"out_dir": str(blocker / "sub")}, None, environ={})
+
+
+def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "schedscope", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["demo", "--bogus"], "No such option: --bogus"),
+        (["record", "--endpoint", "http://x"], "invalid --endpoint 'http://x'"),
+        (["replay", "/nonexistent/rec.ssrec"], "no such file"),
+        (["record", "--out", "/proc/1/nope/x.ssrec", "--duration", "1"], "--out"),
+        (["nosuchcommand"], "No such command"),
+    ],
+)
+def test_cli_bad_input_exits_nonzero_with_one_line(args: list[str], needle: str) -> None:
+    r = _cli(*args)
+    assert r.returncode == 2, r.stderr
+    assert needle in r.stderr
+    assert "Traceback" not in r.stderr and r.stderr.count("\n") == 1, r.stderr
