@@ -330,7 +330,7 @@ def build_sidecar_app(settings: Settings, *, live: bool = True) -> SidecarApp:
         ingest = RecordingIngest(endpoint, recorder, **ingest_kwargs)
     else:
         ingest = Ingest(endpoint, **ingest_kwargs)
-    # The sidecar queue must hold a whole replay burst: replay processes each frame at once.
+    pipeline.watch_ingest(ingest.counters)
     sidecar = Sidecar(ingest, pipeline)
 
     app = SidecarApp(
@@ -371,11 +371,7 @@ def _build_pipeline(
     from schedscope.telemetry.pipeline import TelemetryPipeline
 
     sinks = [kv_relay] if kv_relay is not None else []
-    pipeline = TelemetryPipeline(
-        tracer_provider=tracer_provider, meter_provider=meter_provider, kv_sinks=sinks
-    )
-    pipeline.register_prometheus(registry)
-    return pipeline
+    return TelemetryPipeline(tracer_provider, meter_provider, registry, kv_sinks=sinks)
 
 
 def _kv_config(settings: Settings, prefix: str) -> dict[str, Any] | None:
