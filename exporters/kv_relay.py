@@ -12,7 +12,6 @@ sends, and answers replays. A PUB socket never waits for a slow subscriber: ZMQ 
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import queue
 import threading
@@ -102,13 +101,17 @@ class KvRelay:
         if self._closed:
             return
         self._closed = True
-        while True:  # make room for the stop marker without blocking
+        while True:  # let the sender drain for a moment, then make room for the stop marker
             try:
-                self._queue.put_nowait(_STOP)
+                self._queue.put(_STOP, timeout=1.0)
                 break
             except queue.Full:
-                with contextlib.suppress(queue.Empty):
-                    self._queue.get_nowait()
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    continue
+                self.stats.add("kv_batches", self.name, "dropped")  # an unsent batch
+                self.stats.add("kv_events", self.name, "dropped", len(item.events))
         self._thread.join(timeout=5)
 
     def endpoints(self, dp_rank: int = 0) -> tuple[str, str | None]:

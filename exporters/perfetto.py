@@ -50,8 +50,8 @@ class _Rec:
     kind: str  # batch | pause | idle | request | phase | admin
     engine: str
     name: str
-    start_us: float
-    end_us: float
+    start_ns: int  # wall clock, unix ns
+    end_ns: int
     span_id: int
     parent_id: int | None
     args: dict[str, Any]
@@ -88,6 +88,7 @@ class PerfettoSpanExporter(SpanExporter):
         self._lock = threading.Lock()
         self._shutdown = False
         self.dropped = 0
+        self.origin_ns = 0
 
     # -- SpanExporter ---------------------------------------------------------------------
 
@@ -139,8 +140,8 @@ class PerfettoSpanExporter(SpanExporter):
         else:
             kind, label = "admin", name
         sid = span.context.span_id if span.context is not None else id(span)
-        start = (span.start_time or 0) / 1000.0
-        end = (span.end_time or span.start_time or 0) / 1000.0
+        start = span.start_time or 0
+        end = span.end_time or start
         args = {k: _plain(v) for k, v in attrs.items()}
         return _Rec(kind, str(engine or "engine"), label, start, end, sid, parent, args)
 
@@ -149,7 +150,10 @@ class PerfettoSpanExporter(SpanExporter):
     def trace_events(self) -> list[dict[str, Any]]:
         """The Chrome trace events for everything recorded so far."""
         with self._lock:
-            records = sorted(self._records, key=lambda r: (r.start_us, r.end_us))
+            records = sorted(self._records, key=lambda r: (r.start_ns, r.end_ns))
+        # NOTE: microseconds since the first span, not since 1970: a double holding unix µs
+        # only resolves 0.25 µs. The origin goes into otherData.origin_unix_ns.
+        self.origin_ns = origin = records[0].start_ns if records else 0
         # A child of a request span is one of its phases (children end, and so arrive, first).
         request_ids = {r.span_id for r in records if r.kind == "request"}
         for r in records:
@@ -196,13 +200,15 @@ class PerfettoSpanExporter(SpanExporter):
 
         for r in records:
             pid = pid_of(r.engine)
-            dur = max(r.end_us - r.start_us, 0.0)
+            start_us = (r.start_ns - origin) / 1000.0
+            end_us = (r.end_ns - origin) / 1000.0
+            dur = max(end_us - start_us, 0.0)
             if r.kind == "batch":
                 ends = lanes.setdefault(r.engine, [])
-                lane = next((i for i, e in enumerate(ends) if e <= r.start_us), None)
+                lane = next((i for i, e in enumerate(ends) if e <= start_us), None)
                 if lane is None:
                     lane = len(ends)
-                    ends.append(r.end_us)
+                    ends.append(end_us)
                     if lane > 0:
                         events.append(
                             {
@@ -213,43 +219,48 @@ class PerfettoSpanExporter(SpanExporter):
                                 "args": {"name": f"scheduler overlap {lane}"},
                             }
                         )
-                ends[lane] = r.end_us
-                events.append(self._slice(r, pid, TID_LANE0 + lane, dur, "batch"))
+                ends[lane] = end_us
+                events.append(self._slice(r, pid, TID_LANE0 + lane, start_us, dur, "batch"))
                 for key in COUNTER_KEYS:
                     value = _suffix(r.args, key)
                     if isinstance(value, (int, float)) and not isinstance(value, bool):
-                        counter(pid, r.end_us, key, value)
+                        counter(pid, end_us, key, value)
             elif r.kind in ("pause", "idle"):
-                events.append(self._slice(r, pid, TID_STATE, dur, r.kind))
+                events.append(self._slice(r, pid, TID_STATE, start_us, dur, r.kind))
                 if r.kind == "pause":  # DESIGN §5: gen_throughput is 0 for the whole pause
-                    counter(pid, r.start_us, "gen_throughput", 0)
+                    counter(pid, start_us, "gen_throughput", 0)
             elif r.kind in ("request", "phase"):
                 aid = f"0x{(r.span_id if r.kind == 'request' else r.parent_id or 0):016x}"
                 common = {"cat": "request", "id": aid, "pid": pid, "tid": 0, "name": r.name}
-                events.append({**common, "ph": "b", "ts": r.start_us, "args": r.args})
-                events.append({**common, "ph": "e", "ts": r.end_us})
+                events.append({**common, "ph": "b", "ts": start_us, "args": r.args})
+                events.append({**common, "ph": "e", "ts": end_us})
             else:
-                events.append(self._slice(r, pid, TID_ADMIN, dur, "admin"))
+                events.append(self._slice(r, pid, TID_ADMIN, start_us, dur, "admin"))
         return events + counters
 
     @staticmethod
-    def _slice(r: _Rec, pid: int, tid: int, dur: float, cat: str) -> dict[str, Any]:
+    def _slice(r: _Rec, pid: int, tid: int, ts: float, dur: float, cat: str) -> dict[str, Any]:
         return {
             "ph": "X",
             "name": r.name,
             "cat": cat,
             "pid": pid,
             "tid": tid,
-            "ts": r.start_us,
+            "ts": ts,
             "dur": dur,
             "args": r.args,
         }
 
     def write(self) -> Path:
+        events = self.trace_events()
         doc = {
-            "traceEvents": self.trace_events(),
+            "traceEvents": events,
             "displayTimeUnit": "ms",
-            "otherData": {"producer": "schedscope", "dropped_spans": self.dropped},
+            "otherData": {
+                "producer": "schedscope",
+                "origin_unix_ns": self.origin_ns,
+                "dropped_spans": self.dropped,
+            },
         }
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(self.path.name + ".tmp")
