@@ -1,14 +1,20 @@
 """Engine-side event emitter: the only telemetry code on the scheduler's hot path.
 
-Thread-safety: an Emitter belongs to the scheduler thread. ``emit``/``end_step``/``flush`` must
-only be called from that thread (no locks on the hot path, by design).
+Threads: ``emit``/``end_step``/``flush``/``close`` are for the scheduler thread. With
+``flush_interval_s > 0`` (the default) a small background thread does the periodic sends.
 
-Cost model (DESIGN §3): building a msgspec Struct and appending it is ~0.5 µs; a ZMQ send after
-an idle gap (a GPU step) costs ~20 µs because it wakes libzmq's I/O thread. So events are
-appended to a buffer and sent as one message when ``flush_interval_s`` has passed or the buffer
-is full, checked at ``end_step()``. Pause, idle and shutdown call ``flush()`` so the sidecar
-sees them at once. An idle engine should still call ``end_step()`` now and then (e.g. from its
-idle hook): with an empty buffer it only sends the heartbeat when one is due.
+Cost model, measured (benchmarks/emit_overhead.py, 2 vCPUs): building two Structs and
+appending them is ~4 µs per decode step; encoding a 10 ms batch after a 1 ms idle gap ~25 µs,
+and the ZMQ send ~70 µs (p50; it wakes libzmq's I/O thread, caches are cold). Paid on the
+scheduler thread every 10 ms, that is ~20 µs per step on average; so the scheduler thread only
+appends to a deque (atomic, lock-free) and the background thread encodes and sends every
+``flush_interval_s``. It needs the GIL only to encode (msgspec), and takes it while the
+scheduler thread waits on the GPU; pyzmq releases the GIL while sending. ``flush()`` sends at
+once on the caller's thread (pause, idle, shutdown: the sidecar must see them without delay).
+A lock serialises the socket between the two threads (ZMQ allows migrating a socket across
+threads with a full memory barrier). ``flush_interval_s=0`` sends on every ``end_step()``
+with no thread. With no thread, an idle engine should still call ``end_step()`` now and then:
+with an empty buffer it only sends the heartbeat when one is due.
 
 The engine never waits: sends are non-blocking. If the socket would block (queue full, no
 sidecar connected), the message is dropped, its seq is still consumed (so the sidecar sees the
@@ -25,8 +31,10 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable
 
 import zmq
@@ -74,8 +82,9 @@ class Emitter:
         endpoint: str | None = None,
         *,
         engine_id: str | None = None,
-        flush_interval_s: float = 0.01,
+        flush_interval_s: float = 0.005,
         max_batch_events: int = 1024,
+        max_pending_events: int = 100_000,
         heartbeat_interval_s: float = 1.0,
         sndhwm: int = 1000,
         max_message_bytes: int = 16 * 1024 * 1024,
@@ -127,7 +136,13 @@ class Emitter:
             verb = "bind" if bind else "connect"
             raise OSError(f"cannot {verb} raw-event socket {self.endpoint!r}: {exc}") from None
 
-        self._events: list[Event] = []
+        # deque: append (scheduler thread) and popleft (sender) are atomic without a lock.
+        self._events: deque[Event] = deque()
+        self._max_pending_events = max(max_pending_events, max_batch_events)
+        self._lock = threading.Lock()  # the socket, seq and counters belong to its holder
+        self._wake = threading.Event()
+        # NOTE: emit is the deque's own append (no Python frame on the hot path).
+        self.emit = self._events.append  # type: ignore[method-assign]
         self._seq = 0
         self.sent_messages = 0
         self.sent_events = 0
@@ -137,10 +152,16 @@ class Emitter:
         self._drops_unreported = False
         self._hello_pending = True  # re-sent until one message carrying it gets through
         self._closed = False
+        self._thread: threading.Thread | None = None
         now = _now_ns()
         self._next_flush_ns = now + self._flush_interval_ns
         self._next_heartbeat_ns = now
         # The hello goes out with the first send: a connect has not completed yet here.
+        if flush_interval_s > 0:
+            self._thread = threading.Thread(
+                target=self._sender, name="schedscope-emitter", daemon=True
+            )
+            self._thread.start()
 
     # -- hot path -------------------------------------------------------------------------
 
@@ -149,21 +170,53 @@ class Emitter:
         self._events.append(event)
 
     def end_step(self) -> None:
-        """End of a scheduler step: send the buffer if the interval passed or it is full."""
-        if len(self._events) >= self._max_batch_events:
-            self._send(_now_ns())
+        """End of a scheduler step. With the sender thread: only wakes it if the buffer is
+        full. Without: sends if the buffer is full or on every step (flush_interval_s=0)."""
+        pending = len(self._events)
+        if self._thread is not None:
+            if pending >= self._max_batch_events:
+                if pending > self._max_pending_events:
+                    self._shed()
+                self._wake.set()
             return
         now = _now_ns()
-        if now >= self._next_flush_ns:
-            self._send(now)
+        if pending >= self._max_batch_events or now >= self._next_flush_ns:
+            with self._lock:
+                self._send(now)
 
     def flush(self) -> None:
-        """Send whatever is buffered now (pause, idle, shutdown, tests)."""
-        self._send(_now_ns())
+        """Send whatever is buffered now, on this thread (pause, idle, shutdown, tests)."""
+        with self._lock:
+            self._send(_now_ns())
 
     # -- internals ------------------------------------------------------------------------
 
+    def _sender(self) -> None:
+        interval = self._flush_interval_ns / 1e9
+        while not self._closed:
+            self._wake.wait(interval)
+            self._wake.clear()
+            with self._lock:
+                self._send(_now_ns())
+
+    def _shed(self) -> None:
+        """The sender fell far behind (GIL-starved): drop the oldest events, counted."""
+        with self._lock:
+            excess = len(self._events) - self._max_pending_events
+            for _ in range(max(excess, 0)):
+                self._events.popleft()
+            if excess > 0:
+                self.dropped_messages += 1
+                self.dropped_events += excess
+                self._drops_unreported = True
+
+    def _take(self, n: int) -> list[Event]:
+        q = self._events
+        pop = q.popleft
+        return [pop() for _ in range(min(n, len(q)))]
+
     def _send(self, now: int) -> None:
+        """Encode and send what is pending. Caller holds ``_lock``."""
         if self._closed:
             self._events.clear()
             return
@@ -178,15 +231,13 @@ class Emitter:
             self._next_heartbeat_ns = now + self._heartbeat_interval_ns
         if prefix or self._drops_unreported:
             prefix.append(self._stats_event(now))
-        events = self._events
-        if not events and not prefix:
+        if not self._events and not prefix:
             return
-        self._events = []
         first = True
-        while events or prefix:
-            engine_events = events[: self._max_batch_events]
+        while self._events or prefix:
+            # Events emitted meanwhile by the scheduler thread simply join a later chunk.
+            engine_events = self._take(self._max_batch_events)
             chunk = prefix + engine_events
-            events = events[self._max_batch_events :]
             # Only the first chunk carries the hello/heartbeat/stats prefix.
             carries_hello = first and self._hello_pending
             carries_stats = first and bool(prefix)
@@ -240,8 +291,9 @@ class Emitter:
 
     def poll_connection(self) -> bool:
         """Update and return ``connected`` (for health checks and tests; not the hot path)."""
-        if not self._closed:
-            self._poll_connection()
+        with self._lock:
+            if not self._closed:
+                self._poll_connection()
         return self.connected
 
     @property
@@ -252,9 +304,14 @@ class Emitter:
         """Send Shutdown (best effort, never blocks) and close the socket."""
         if self._closed:
             return
+        thread, self._thread = self._thread, None
         self.emit(Shutdown(ts=_now_ns(), reason=reason))
-        self.flush()
-        self._closed = True
+        with self._lock:
+            self._send(_now_ns())
+            self._closed = True
+        if thread is not None:
+            self._wake.set()
+            thread.join(2.0)
         self._close_sockets()
 
     def _close_sockets(self) -> None:
