@@ -15,8 +15,8 @@ Layout, one process (pid) per engine, named by its engine id:
   attributes (any attribute key ending in those names); a pause slice sets gen_throughput to 0
   at its start (DESIGN §5).
 
-Classification needs no import of the telemetry layer: a batch span is named by its mode and has
-an attribute ending in ``forward_iter``; pause/idle spans have "pause"/"idle" in their name; a
+Classification needs no import of the telemetry layer: a batch span has an attribute ending in
+``forward_iter`` and its mode in ``*batch.mode`` or as the last word of its name ("batch decode"); pause/idle spans have "pause"/"idle" in their name; a
 request span has a ``gen_ai.*`` attribute, an attribute ending in ``rid`` or a name starting
 with "request"; the engine is the attribute ending in ``engine_id`` (else the resource's
 ``service.instance.id``, else "engine").
@@ -62,6 +62,15 @@ def _suffix(attrs: Mapping[str, Any], suffix: str) -> Any:
         if key == suffix or key.endswith("." + suffix) or key.endswith("_" + suffix):
             return value
     return None
+
+
+def _batch_mode(name: str, attrs: Mapping[str, Any]) -> str | None:
+    """prefill/decode/mixed from a ``*batch.mode`` attribute or the span name ("batch decode")."""
+    mode = _suffix(attrs, "batch.mode")
+    if mode in BATCH_MODES:
+        return str(mode)
+    last = name.rsplit(" ", 1)[-1]
+    return last if last in BATCH_MODES else None
 
 
 def _plain(value: Any) -> Any:
@@ -125,8 +134,9 @@ class PerfettoSpanExporter(SpanExporter):
         name = span.name
         lname = name.lower()
         parent = span.parent.span_id if span.parent is not None else None
-        if name in BATCH_MODES and forward_iter is not None:
-            kind, label = "batch", f"{name} #{forward_iter}"
+        mode = _batch_mode(name, attrs) if forward_iter is not None else None
+        if mode is not None:
+            kind, label = "batch", f"{mode} #{forward_iter}"
         elif "pause" in lname:
             kind, label = "pause", name
         elif "idle" in lname:
