@@ -45,7 +45,7 @@ def record(
             s.out, max_bytes=s.record_max_bytes, meta={"endpoint": s.endpoint, "tool": "record"}
         )
     except OSError as exc:
-        raise CliError(f"schedscope record: cannot write --out {str(s.out)!r}: {exc}") from None
+        raise CliError(f"cannot write --out {str(s.out)!r}: {exc}") from None
     ingest = RecordingIngest(
         s.endpoint,
         writer,
@@ -58,7 +58,7 @@ def record(
         sidecar.start()
     except OSError as exc:
         writer.close()
-        raise CliError(f"schedscope record: --endpoint {s.endpoint!r}: {exc}") from None
+        raise CliError(f"--endpoint: {exc}") from None
     restore = on_stop_signals(sidecar.stop)
     deadline = time.monotonic() + s.duration if s.duration else None
     console.print(f"recording {s.endpoint} -> {s.out} (Ctrl-C to stop)")

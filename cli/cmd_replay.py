@@ -49,7 +49,7 @@ def replay(
     try:
         path = parse_readable_file(file)
     except ValueError as exc:
-        raise CliError(f"schedscope replay: FILE {file!r}: {exc}") from None
+        raise CliError(f"cannot replay {file!r}: {exc}") from None
     s = load_settings("replay", flags, config)
 
     from schedscope.sidecar_app import build_sidecar_app
@@ -58,7 +58,7 @@ def replay(
     try:
         reader = RecordingReader(path)
     except RecordingError as exc:
-        raise CliError(f"schedscope replay: {exc}") from None
+        raise CliError(str(exc)) from None
     app = build_sidecar_app(s, live=False)
     if app.metrics_url:
         console.print(f"/metrics: {app.metrics_url}")

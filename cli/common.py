@@ -43,9 +43,7 @@ def make_out_dir(path: Path, command: str) -> Path:
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise CliError(
-            f"schedscope {command}: cannot create --out-dir {str(path)!r}: {exc.strerror}"
-        ) from None
+        raise CliError(f"cannot create --out-dir {str(path)!r}: {exc.strerror}") from None
     return path
 
 

@@ -66,7 +66,8 @@ def _register() -> None:
 
 
 def _fail(message: str, code: int) -> int:
-    sys.stderr.write(f"{message}\n")
+    # One line, always starting with "error:" so scripts and people can spot it.
+    sys.stderr.write(f"error: {message}\n")
     sys.stderr.flush()
     return code
 
@@ -86,13 +87,13 @@ def run(argv: list[str] | None = None) -> int:
         cmd = exc.ctx.command_path if exc.ctx is not None else "schedscope"
         return _fail(f"{cmd}: {exc.format_message()} (see '{cmd} --help')", EXIT_USAGE)
     except cx.ClickException as exc:
-        return _fail(f"schedscope: {exc.format_message()}", exc.exit_code)
+        return _fail(exc.format_message(), exc.exit_code)
     except typer.Abort:
-        return _fail("schedscope: aborted", 130)
+        return _fail("aborted", 130)
     except typer.Exit as exc:
         return exc.exit_code
     except KeyboardInterrupt:
-        return _fail("schedscope: interrupted", 130)
+        return _fail("interrupted", 130)
     return result if isinstance(result, int) else 0
 
 

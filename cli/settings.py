@@ -356,8 +356,10 @@ def _pick(
 
 
 def _bad_value(command: str, opt: Option, raw: Any, source: str, allowed: str) -> str:
-    where = "" if source == opt.flag else f" (from {source})"
-    return f"schedscope {command}: invalid {opt.flag} {raw!r}{where}: {allowed}"
+    # e.g. "invalid prometheus port '70000' (from $SCHEDSCOPE_PROMETHEUS_PORT): expected ..."
+    name = opt.key.replace("_", " ")
+    where = opt.flag if source == opt.flag else f"{opt.flag}, from {source}"
+    return f"invalid {name} {raw!r} ({where}): {allowed}"
 
 
 def _load_config(
@@ -373,7 +375,7 @@ def _load_config(
     if config is None:
         return None, {}
     path = Path(config).expanduser()
-    prefix = f"schedscope {command}: {source} {str(path)!r}"
+    prefix = f"config file {str(path)!r} ({source})"
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:

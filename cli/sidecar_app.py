@@ -82,7 +82,7 @@ class SidecarApp:
             self.sidecar.start()
         except OSError as exc:
             self.close()
-            raise CliError(f"schedscope {self.command}: --endpoint: {exc}", code=1) from None
+            raise CliError(f"--endpoint: {exc}", code=1) from None
         if self.kv_ingest is not None:
             self.kv_ingest.start()
         self.write_state(running=True)
@@ -274,9 +274,7 @@ def build_sidecar_app(settings: Settings, *, live: bool = True) -> SidecarApp:
         try:
             out_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise CliError(
-                f"schedscope {cmd}: cannot create --out-dir {str(out_dir)!r}: {exc.strerror}"
-            ) from None
+            raise CliError(f"cannot create --out-dir {str(out_dir)!r}: {exc.strerror}") from None
         if want_json:
             files["traces"] = out_dir / TRACES_FILE
             files["metrics"] = out_dir / METRICS_FILE
@@ -359,7 +357,7 @@ def build_sidecar_app(settings: Settings, *, live: bool = True) -> SidecarApp:
             app.close()
             reason = "already in use" if exc.errno == 98 else (exc.strerror or str(exc))
             raise CliError(
-                f"schedscope {cmd}: --prometheus-port {port} on {v['prometheus_host']}: "
+                f"--prometheus-port {port} on {v['prometheus_host']}: "
                 f"{reason}; pick another port or 0 for a free one"
             ) from None
     return app
@@ -395,9 +393,7 @@ def _build_kv_relay(settings: Settings) -> Any:
     try:
         return KvRelay(cfg)
     except Exception as exc:  # zmq bind errors, bad config values
-        raise CliError(
-            f"schedscope {settings.command}: --kv-relay-endpoint {cfg['endpoint']!r}: {exc}"
-        ) from None
+        raise CliError(f"--kv-relay-endpoint {cfg['endpoint']!r}: {exc}") from None
 
 
 def _build_kv_ingest(settings: Settings, on_batch: Callable[[Any], None]) -> Any:

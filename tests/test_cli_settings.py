@@ -52,13 +52,28 @@ def test_config_file_from_env_and_shared_keys(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("command", "flags", "env", "needle"),
     [
-        ("sidecar", {"endpoint": "udp://x"}, {}, "invalid --endpoint 'udp://x': expected ipc://"),
-        ("record", {"endpoint": "tcp://host:99999"}, {}, "invalid --endpoint"),
-        ("demo", {}, {"SCHEDSCOPE_PROMETHEUS_PORT": "70000"}, "(from $SCHEDSCOPE_PROMETHEUS_PORT)"),
-        ("demo", {"requests": 0}, {}, "invalid --requests 0: expected a positive integer"),
+        (
+            "sidecar",
+            {"endpoint": "udp://x"},
+            {},
+            "invalid endpoint 'udp://x' (--endpoint): expected ipc://",
+        ),
+        ("record", {"endpoint": "tcp://host:99999"}, {}, "invalid endpoint"),
+        (
+            "demo",
+            {},
+            {"SCHEDSCOPE_PROMETHEUS_PORT": "70000"},
+            "(--prometheus-port, from $SCHEDSCOPE_PROMETHEUS_PORT)",
+        ),
+        (
+            "demo",
+            {"requests": 0},
+            {},
+            "invalid requests 0 (--requests): expected a positive integer",
+        ),
         ("demo", {"device": "tpu"}, {}, "expected one of auto, cpu, cuda"),
         ("sidecar", {}, {"OTEL_EXPORTER_OTLP_ENDPOINT": "collector"}, "expected a URL"),
-        ("sidecar", {"kv_ingest_endpoint": "tcp://*:5557"}, {}, "invalid --kv-ingest-endpoint"),
+        ("sidecar", {"kv_ingest_endpoint": "tcp://*:5557"}, {}, "invalid kv ingest endpoint"),
     ],
 )
 def test_bad_values_are_one_clear_line(command: str, flags: dict, env: dict, needle: str) -> None:
@@ -101,7 +116,7 @@ def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     ("args", "needle"),
     [
         (["demo", "--bogus"], "No such option: --bogus"),
-        (["record", "--endpoint", "http://x"], "invalid --endpoint 'http://x'"),
+        (["record", "--endpoint", "http://x"], "invalid endpoint 'http://x'"),
         (["replay", "/nonexistent/rec.ssrec"], "no such file"),
         (["record", "--out", "/proc/1/nope/x.ssrec", "--duration", "1"], "--out"),
         (["nosuchcommand"], "No such command"),
@@ -110,5 +125,5 @@ def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
 def test_cli_bad_input_exits_nonzero_with_one_line(args: list[str], needle: str) -> None:
     r = _cli(*args)
     assert r.returncode == 2, r.stderr
-    assert needle in r.stderr
+    assert r.stderr.startswith("error: ") and needle in r.stderr
     assert "Traceback" not in r.stderr and r.stderr.count("\n") == 1, r.stderr
