@@ -94,8 +94,8 @@ class TelemetryPipeline:
         else:
             self.engines.move_to_end(record.engine_id)
         m = asm.m
+        m.duplicate_messages.value = record.out_of_order  # the sidecar skips those frames
         if observation.duplicate:
-            m.duplicate_messages.value += 1
             return
         if observation.restarted:
             asm.close_all("restart")

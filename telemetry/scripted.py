@@ -30,7 +30,7 @@ class ScriptedEngine:
         self.handler = handler
         self.engine_id = engine_id
         self.info = info or EngineInfo(model="test-model", hostname="host-a", pid=42)
-        self.registry = registry or EngineRegistry()
+        self.registry = registry if registry is not None else EngineRegistry()
         self.mono0_ns = mono0_ns
         self.wall0_ns = wall0_ns
         self.seq = 0
