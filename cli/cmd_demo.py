@@ -119,7 +119,8 @@ class _SidecarProcess:
         v = self.settings.values
         port = v["prometheus_port"]
         args = [
-            sys.executable, "-m", "schedscope", "sidecar",
+            # TODO(issue 9): `-m schedscope sidecar` once cmd_sidecar delegates to sidecar_cli.
+            sys.executable, "-m", "schedscope.sidecar_cli", "sidecar",
             "--endpoint", self.endpoint,
             "--out-dir", str(self.out),
             "--prometheus-host", v["prometheus_host"],
@@ -316,9 +317,19 @@ class _Workload:
         """Pause (retract) once a third of the requests are done, while others still run."""
         if self.done < max(1, self.s.requests // 3) or self.done >= self.submitted:
             return False
-        self._mark("paused (retract)")
+
+        def pause_if_decoding(e) -> int:
+            # On the scheduler thread: only pause while requests run, so retract retracts.
+            running = len(e.scheduler.running)
+            if running:
+                e.pause_generation("retract", reason="schedscope demo")
+            return running
+
+        retracted = self.runner.call_sync(pause_if_decoding)
+        if not retracted:
+            return False
+        self._mark("paused (retract)", running_requests=retracted)
         refresh()
-        self.runner.call_sync(lambda e: e.pause_generation("retract", reason="schedscope demo"))
         time.sleep(PAUSE_S)  # gen_throughput reads 0 on /metrics now
         self.runner.call_sync(lambda e: e.continue_generation())
         self._mark("running")

@@ -64,6 +64,17 @@ def replay(
         console.print(f"/metrics: {app.metrics_url}")
     restore = on_stop_signals(app.stop)
     started = time.monotonic()
+    # The telemetry ticks on the recorded clock, as often as a live sidecar would (~every
+    # 20 ms of recorded time): timeouts and KV windows then behave as they did live.
+    clock = {"now": 0, "last_tick": 0}
+    app.clock = lambda: clock["now"]
+
+    def on_frame(_n: int, recv_wall_ns: int) -> None:
+        clock["now"] = recv_wall_ns
+        if recv_wall_ns - clock["last_tick"] >= 20_000_000:
+            clock["last_tick"] = recv_wall_ns
+            app.tick()
+
     try:
         stats = replay_into(
             reader,
@@ -71,7 +82,7 @@ def replay(
             realtime=s.realtime,
             speed=s.speed,
             should_stop=lambda: app.stopping,
-            on_frame=lambda n: app.tick() if n % 1000 == 0 else None,
+            on_frame=on_frame,
         )
     finally:
         state = app.close()

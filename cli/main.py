@@ -72,11 +72,12 @@ def _fail(message: str, code: int) -> int:
     return code
 
 
-def run(argv: list[str] | None = None) -> int:
-    """Run the CLI and return its exit status (used by main() and by tests in-process)."""
-    _register()
+def run(argv: list[str] | None = None, application: typer.Typer | None = None) -> int:
+    """Run the CLI (or ``application``) and return its exit status; errors are one line."""
+    if application is None:
+        _register()
     try:
-        result = app(args=argv, prog_name="schedscope", standalone_mode=False)
+        result = (application or app)(args=argv, prog_name="schedscope", standalone_mode=False)
     except CliError as exc:
         return _fail(str(exc), exc.code)
     except cx.NoArgsIsHelpError as exc:

@@ -67,6 +67,9 @@ class SidecarApp:
     recorder: Any = None
     kv_dropped: int = 0
     _kv_queue: queue.Queue = field(default_factory=lambda: queue.Queue(KV_HANDOFF_MAX))
+    # The telemetry's clock for time-based work (KV windows, batch timeouts): wall time live,
+    # the recorded receive time in a replay.
+    clock: Callable[[], int] = time.time_ns
     _closed: bool = False
     _stop: threading.Event = field(default_factory=threading.Event)
 
@@ -122,7 +125,7 @@ class SidecarApp:
         tick = getattr(self.pipeline, "tick", None)
         if tick is not None:
             try:
-                tick(time.time_ns())
+                tick(self.clock())
             except Exception:
                 log.exception("telemetry tick failed")
 

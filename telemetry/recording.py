@@ -231,14 +231,15 @@ def replay_into(
     realtime: bool = False,
     speed: float = 1.0,
     should_stop: Callable[[], bool] = lambda: False,
-    on_frame: Callable[[int], None] | None = None,
+    on_frame: Callable[[int, int], None] | None = None,
 ) -> ReplayStats:
     """Run a recording through ``sidecar`` exactly like live frames: same decode, validation,
     registry and handler; each frame keeps its recorded receive time.
 
     The sidecar's Ingest is not started: frames go in through ``accept`` and are processed at
     once, so a replay never drops on the queue however fast it runs. ``realtime`` sleeps to
-    reproduce the recorded gaps (divided by ``speed``).
+    reproduce the recorded gaps (divided by ``speed``). ``on_frame(frames, recv_wall_ns)``
+    runs after each frame (the caller ticks the telemetry on the recorded clock).
     """
     stats = ReplayStats()
     ingest = sidecar.ingest
@@ -261,7 +262,7 @@ def replay_into(
                 sidecar.process_one(received)
         stats.frames += 1
         if on_frame is not None:
-            on_frame(stats.frames)
+            on_frame(stats.frames, frame.recv_wall_ns)
     stats.truncated_tail = reader.truncated_tail
     stats.trailer = reader.trailer
     return stats

@@ -1,0 +1,117 @@
+"""`schedscope sidecar`: the live sidecar, as an operator runs it next to its engines.
+
+Options resolve through the settings layer (flags > env > config file); the whole sidecar is
+built by ``sidecar_app.build_sidecar_app``. While it runs it prints a per-second summary of
+what it receives (``--no-summary`` to keep quiet); SIGINT/SIGTERM stop it cleanly: everything
+received is processed, open spans end, every file is flushed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.live import Live
+
+from schedscope.common import load_settings, on_stop_signals
+from schedscope.options import config_flag, flag
+
+
+def sidecar(
+    endpoint: Optional[str] = flag("endpoint"),
+    bind: Optional[bool] = typer.Option(
+        None,
+        "--bind/--connect",
+        help="Bind the endpoint (engines connect to it) or connect to an engine that binds. "
+        "[env: $SCHEDSCOPE_CONNECT]",
+        show_default=False,
+    ),
+    queue_size: Optional[int] = flag("queue_size"),
+    max_message_bytes: Optional[str] = flag("max_message_bytes"),
+    prometheus_host: Optional[str] = flag("prometheus_host"),
+    prometheus_port: Optional[str] = flag("prometheus_port"),
+    otlp_endpoint: Optional[str] = flag("otlp_endpoint"),
+    otlp_protocol: Optional[str] = flag("otlp_protocol"),
+    service_name: Optional[str] = flag("service_name"),
+    out_dir: Optional[Path] = flag("out_dir"),
+    otlp_json: Optional[bool] = flag("otlp_json"),
+    perfetto: Optional[bool] = flag("perfetto"),
+    snapshot: Optional[bool] = flag("snapshot"),
+    record: Optional[bool] = flag("record"),
+    record_max_bytes: Optional[str] = flag("record_max_bytes"),
+    kv_relay_endpoint: Optional[str] = flag("kv_relay_endpoint"),
+    kv_relay_replay_endpoint: Optional[str] = flag("kv_relay_replay_endpoint"),
+    kv_relay_topic: Optional[str] = flag("kv_relay_topic"),
+    kv_relay_buffer_steps: Optional[int] = flag("kv_relay_buffer_steps"),
+    kv_relay_hash_style: Optional[str] = flag("kv_relay_hash_style"),
+    kv_relay_config: Optional[str] = flag("kv_relay_config"),
+    kv_ingest_endpoint: Optional[str] = flag("kv_ingest_endpoint"),
+    kv_ingest_replay_endpoint: Optional[str] = flag("kv_ingest_replay_endpoint"),
+    kv_ingest_topic: Optional[str] = flag("kv_ingest_topic"),
+    kv_ingest_config: Optional[str] = flag("kv_ingest_config"),
+    duration: Optional[float] = flag("duration"),
+    log_level: Optional[str] = flag("log_level"),
+    summary: bool = typer.Option(
+        True, "--summary/--no-summary", help="Print a live per-second event summary."
+    ),
+    config: Optional[Path] = config_flag(),
+) -> None:
+    """Receive engines' raw scheduler events; export traces, metrics, KV events and files."""
+    flags = dict(locals())
+    flags["connect"] = None if bind is None else not bind
+    s = load_settings("sidecar", flags, config)
+
+    from schedscope.sidecar_app import build_sidecar_app
+
+    app = build_sidecar_app(s).start()
+    restore = on_stop_signals(app.stop)
+    err = Console(stderr=True, highlight=False, soft_wrap=True)
+    out = Console(highlight=False, soft_wrap=True)
+    ingest = app.sidecar.ingest
+    verb = "listening on" if ingest.bind else "connected to"
+    err.print(f"schedscope sidecar {verb} {ingest.bound_endpoint}", markup=False)
+    if app.metrics_url:
+        err.print(f"/metrics on {app.metrics_url}", markup=False)
+    for name, path in app.files.items():
+        err.print(f"writing {name} to {path}", markup=False)
+    if app.kv_ingest is not None:
+        err.print(f"KV events from {app.kv_ingest.endpoint}", markup=False)
+    if app.kv_relay is not None:
+        err.print(f"relaying KV events on {app.kv_relay.endpoints()[0]}", markup=False)
+
+    from schedscope.cmd_sidecar import _Reporter  # the foundation's live summary
+
+    reporter = _Reporter(app.sidecar)
+    try:
+        if not summary:
+            app.run(duration_s=s.duration)
+        elif out.is_terminal:
+            with Live(reporter.table(), console=out, auto_refresh=False) as live:
+                app.run(
+                    duration_s=s.duration,
+                    on_tick=lambda: reporter.tick(lambda t: live.update(t, refresh=True)),
+                )
+        else:
+            app.run(
+                duration_s=s.duration,
+                on_tick=lambda: reporter.tick(lambda _: out.print(reporter.line(), markup=False)),
+            )
+    finally:
+        app.close()
+        restore()
+    final = _Reporter(app.sidecar)
+    final.tick(lambda _: None, force=True)
+    err.print(f"schedscope sidecar stopped: {final.totals_line()}", markup=False)
+
+
+if __name__ == "__main__":  # `python -m schedscope.sidecar_cli sidecar ...`: standalone
+    import sys
+
+    from schedscope.main import run
+
+    standalone = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+    standalone.command("sidecar")(sidecar)
+    standalone.command("_")(lambda: None)  # a group, so the command name is required
+    sys.exit(run(sys.argv[1:], standalone))
