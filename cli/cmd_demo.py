@@ -119,8 +119,7 @@ class _SidecarProcess:
         v = self.settings.values
         port = v["prometheus_port"]
         args = [
-            # TODO(issue 9): `-m schedscope sidecar` once cmd_sidecar delegates to sidecar_cli.
-            sys.executable, "-m", "schedscope.sidecar_cli", "sidecar",
+            sys.executable, "-m", "schedscope", "sidecar",
             "--endpoint", self.endpoint,
             "--out-dir", str(self.out),
             "--prometheus-host", v["prometheus_host"],

@@ -1,23 +1,26 @@
-"""`schedscope sidecar`: receive engines' raw events; print a live per-second summary.
+"""`schedscope sidecar`: the live sidecar, as an operator runs it next to its engines.
 
-The processing loop lives in ``schedscope.telemetry.sidecar`` (torch-free); this module only
-parses options, wires signals and renders the summary.
+Options resolve through the settings layer (flags > env > config file); the whole sidecar is
+built by ``sidecar_app.build_sidecar_app``. While it runs it prints a per-second summary of
+what it receives (``--no-summary`` to keep quiet); SIGINT/SIGTERM stop it cleanly: everything
+received is processed, open spans end, every file is flushed.
 """
 
 from __future__ import annotations
 
-import signal
 import time
-from types import FrameType
+from collections.abc import Callable
+from pathlib import Path
+from typing import Optional
 
 import typer
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from schedscope.telemetry.ingest import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_QUEUE_SIZE, Ingest
-from schedscope.telemetry.schema import ENV_ENDPOINT, resolve_endpoint
-from schedscope.telemetry.sidecar import HandlerLike, Sidecar, Summary
+from schedscope.common import load_settings, on_stop_signals
+from schedscope.options import config_flag, flag
+from schedscope.telemetry.sidecar import Sidecar, Summary
 
 
 def register(app: typer.Typer) -> None:
@@ -25,80 +28,88 @@ def register(app: typer.Typer) -> None:
 
 
 def sidecar(
-    endpoint: str = typer.Option(
+    endpoint: Optional[str] = flag("endpoint"),
+    bind: Optional[bool] = typer.Option(
         None,
-        "--endpoint",
-        envvar=ENV_ENDPOINT,
-        help="Raw-event endpoint: ipc://PATH or tcp://HOST:PORT (default ipc:///tmp/schedscope-events.sock).",
-    ),
-    bind: bool = typer.Option(
-        True,
         "--bind/--connect",
-        help="Bind the endpoint (engines connect to it) or connect to an engine that binds.",
+        help="Bind the endpoint (engines connect to it) or connect to an engine that binds. "
+        "[env: $SCHEDSCOPE_CONNECT]",
+        show_default=False,
     ),
-    queue_size: int = typer.Option(
-        DEFAULT_QUEUE_SIZE, "--queue-size", min=1, help="Frames buffered before dropping."
-    ),
-    max_message_bytes: int = typer.Option(
-        DEFAULT_MAX_MESSAGE_BYTES,
-        "--max-message-bytes",
-        min=1024,
-        help="Frames larger than this are refused (ZMQ MAXMSGSIZE) and counted.",
-    ),
+    queue_size: Optional[int] = flag("queue_size"),
+    max_message_bytes: Optional[str] = flag("max_message_bytes"),
+    prometheus_host: Optional[str] = flag("prometheus_host"),
+    prometheus_port: Optional[str] = flag("prometheus_port"),
+    otlp_endpoint: Optional[str] = flag("otlp_endpoint"),
+    otlp_protocol: Optional[str] = flag("otlp_protocol"),
+    service_name: Optional[str] = flag("service_name"),
+    out_dir: Optional[Path] = flag("out_dir"),
+    otlp_json: Optional[bool] = flag("otlp_json"),
+    perfetto: Optional[bool] = flag("perfetto"),
+    snapshot: Optional[bool] = flag("snapshot"),
+    record: Optional[bool] = flag("record"),
+    record_max_bytes: Optional[str] = flag("record_max_bytes"),
+    kv_relay_endpoint: Optional[str] = flag("kv_relay_endpoint"),
+    kv_relay_replay_endpoint: Optional[str] = flag("kv_relay_replay_endpoint"),
+    kv_relay_topic: Optional[str] = flag("kv_relay_topic"),
+    kv_relay_buffer_steps: Optional[int] = flag("kv_relay_buffer_steps"),
+    kv_relay_hash_style: Optional[str] = flag("kv_relay_hash_style"),
+    kv_relay_config: Optional[str] = flag("kv_relay_config"),
+    kv_ingest_endpoint: Optional[str] = flag("kv_ingest_endpoint"),
+    kv_ingest_replay_endpoint: Optional[str] = flag("kv_ingest_replay_endpoint"),
+    kv_ingest_topic: Optional[str] = flag("kv_ingest_topic"),
+    kv_ingest_config: Optional[str] = flag("kv_ingest_config"),
+    duration: Optional[float] = flag("duration"),
+    log_level: Optional[str] = flag("log_level"),
     summary: bool = typer.Option(
         True, "--summary/--no-summary", help="Print a live per-second event summary."
     ),
+    config: Optional[Path] = config_flag(),
 ) -> None:
-    """Receive engines' raw scheduler events and account for every one of them."""
+    """Receive engines' raw scheduler events; export traces, metrics, KV events and files."""
+    flags = dict(locals())
+    flags["connect"] = None if bind is None else not bind
+    s = load_settings("sidecar", flags, config)
+
+    from schedscope.sidecar_app import build_sidecar_app
+
+    app = build_sidecar_app(s).start()
+    restore = on_stop_signals(app.stop)
     err = Console(stderr=True, highlight=False, soft_wrap=True)
-    try:
-        resolved = resolve_endpoint(endpoint)
-    except ValueError as exc:
-        err.print(f"error: {exc}", markup=False)
-        raise typer.Exit(2) from None
-    ingest = Ingest(resolved, bind=bind, queue_size=queue_size, max_message_bytes=max_message_bytes)
-    raise typer.Exit(run_sidecar(Sidecar(ingest), summary=summary))
-
-
-def run_sidecar(sc: Sidecar, *, summary: bool = True, handler: HandlerLike | None = None) -> int:
-    """Start ``sc``, process until SIGINT/SIGTERM, close it. Returns the exit code.
-
-    Public so the commands that add the telemetry layer (a handler) reuse the same loop.
-    """
     out = Console(highlight=False, soft_wrap=True)
-    err = Console(stderr=True, highlight=False, soft_wrap=True)
-    if handler is not None:
-        sc.set_handler(handler)
-    try:
-        sc.start()
-    except OSError as exc:
-        err.print(f"error: {exc}", markup=False)
-        return 1
+    ingest = app.sidecar.ingest
+    verb = "listening on" if ingest.bind else "connected to"
+    err.print(f"schedscope sidecar {verb} {ingest.bound_endpoint}", markup=False)
+    if app.metrics_url:
+        err.print(f"/metrics on {app.metrics_url}", markup=False)
+    for name, path in app.files.items():
+        err.print(f"writing {name} to {path}", markup=False)
+    if app.kv_ingest is not None:
+        err.print(f"KV events from {app.kv_ingest.endpoint}", markup=False)
+    if app.kv_relay is not None:
+        err.print(f"relaying KV events on {app.kv_relay.endpoints()[0]}", markup=False)
 
-    def _stop(signum: int, _frame: FrameType | None) -> None:
-        sc.stop()
-
-    previous = {s: signal.signal(s, _stop) for s in (signal.SIGINT, signal.SIGTERM)}
-    verb = "listening on" if sc.ingest.bind else "connected to"
-    err.print(f"schedscope sidecar {verb} {sc.ingest.bound_endpoint}", markup=False)
+    reporter = _Reporter(app.sidecar)
     try:
         if not summary:
-            sc.run()
+            app.run(duration_s=s.duration)
         elif out.is_terminal:
-            reporter = _Reporter(sc)
             with Live(reporter.table(), console=out, auto_refresh=False) as live:
-                sc.run(on_idle=lambda: reporter.tick(lambda s: live.update(s, refresh=True)))
+                app.run(
+                    duration_s=s.duration,
+                    on_tick=lambda: reporter.tick(lambda t: live.update(t, refresh=True)),
+                )
         else:
-            reporter = _Reporter(sc)
-            sc.run(on_idle=lambda: reporter.tick(lambda _: out.print(reporter.line())))
+            app.run(
+                duration_s=s.duration,
+                on_tick=lambda: reporter.tick(lambda _: out.print(reporter.line(), markup=False)),
+            )
     finally:
-        sc.close()
-        for s, h in previous.items():
-            signal.signal(s, h)
-    final = _Reporter(sc)
+        app.close()
+        restore()
+    final = _Reporter(app.sidecar)
     final.tick(lambda _: None, force=True)
     err.print(f"schedscope sidecar stopped: {final.totals_line()}", markup=False)
-    return 0
 
 
 class _Reporter:
@@ -111,13 +122,13 @@ class _Reporter:
         self.cur: Summary = self.prev
         self._next = time.monotonic() + interval_s
 
-    def tick(self, render: object, force: bool = False) -> None:
+    def tick(self, render: Callable[[Table], object], force: bool = False) -> None:
         now = time.monotonic()
         if not force and now < self._next:
             return
         self._next = now + self.interval_s
         self.prev, self.cur = self.cur, self.sc.summary()
-        render(self.table())  # type: ignore[operator]
+        render(self.table())
 
     def _rates(self) -> dict[str, int]:
         prev = self.prev.events_by_type

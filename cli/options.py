@@ -7,7 +7,6 @@ value) and resolve them with ``settings.resolve``. The README's CLI reference fo
 
 from __future__ import annotations
 
-import tempfile
 from typing import Any
 
 import typer
@@ -28,9 +27,8 @@ from schedscope.settings import (
     parse_writable_file,
     parse_zmq_endpoint,
 )
+from schedscope.telemetry.schema import DEFAULT_ENDPOINT  # the engine's emitter's default
 
-# Same default as the engine's emitter (engine/emitter.py), without importing the engine.
-DEFAULT_ENDPOINT = f"ipc://{tempfile.gettempdir()}/schedscope-events.sock"
 DEFAULT_PROMETHEUS_PORT = 9464  # the OpenTelemetry Prometheus exporter's customary port
 
 

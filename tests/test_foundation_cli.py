@@ -58,10 +58,19 @@ class Lines:
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["sigint", "sigterm"])
-def test_sidecar_command_summarises_and_exits_cleanly(ipc_endpoint, wait_until, sig):
+def test_sidecar_command_summarises_and_exits_cleanly(ipc_endpoint, wait_until, sig, tmp_path):
     env = {**os.environ, s.ENV_ENDPOINT: ipc_endpoint}  # endpoint from the environment
     proc = subprocess.Popen(
-        sidecar_cmd("--queue-size", "100", "--max-message-bytes", "65536"),
+        sidecar_cmd(
+            "--queue-size",
+            "100",
+            "--max-message-bytes",
+            "65536",
+            "--out-dir",
+            str(tmp_path),
+            "--prometheus-port",
+            "0",
+        ),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -98,7 +107,8 @@ def test_sidecar_command_summarises_and_exits_cleanly(ipc_endpoint, wait_until, 
     [
         ("localhost:5557", 2, "invalid endpoint"),
         ("ipc:///nonexistent-dir/x/y.sock", 1, "cannot bind"),
-        ("tcp://not a host:x", 1, "cannot bind"),
+        # The settings layer validates tcp://HOST:PORT before binding (issue 9): a usage error.
+        ("tcp://not a host:x", 2, "invalid endpoint"),
     ],
     ids=["no-scheme", "missing-dir", "bad-tcp"],
 )
