@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import heapq
 from array import array
+from collections.abc import Callable
 
 from schedscope.engine.kv_pool import KVPool
 from schedscope.telemetry.schema import (
@@ -70,6 +71,9 @@ class RadixCache:
         self.protected_size = 0  # tokens in nodes locked by running requests
         self._clock = 0  # LRU order; a counter keeps runs deterministic
         self._events: list[KvBlockEventT] = []
+        # Hook for a second KV tier (control plane): sees each evicted node before its slots
+        # go back to the pool, while their K/V are still intact.
+        self.on_evict: Callable[[Node], None] | None = None
 
     # -- lookups and inserts ----------------------------------------------------------------
 
@@ -181,6 +185,8 @@ class RadixCache:
             _, _, node = heapq.heappop(heap)
             parent = node.parent
             assert parent is not None
+            if self.on_evict is not None:
+                self.on_evict(node)
             self.pool.free(node.value)
             freed += len(node.value)
             self.evictable_size -= len(node.key)

@@ -347,9 +347,12 @@ class Scheduler:
         assert row is not None
         slots = self.req_pool.slots(row, kv_len)
         if self.tree is not None:
-            cached = self.tree.insert(req.seq_ids[:kv_len], slots)
+            # Tokens may be fewer than slots: an abort drops the token that an in-flight
+            # batch (overlap) already holds a slot for.
+            seq = req.seq_ids[:kv_len]
+            cached = self.tree.insert(seq, slots)
             self.pool.free(slots[req.prefix_len : cached])
-            self.pool.free(slots[kv_len // self.cfg.page_size * self.cfg.page_size :])
+            self.pool.free(slots[len(seq) // self.cfg.page_size * self.cfg.page_size :])
             self.tree.dec_lock_ref(req.last_node)  # type: ignore[arg-type]
         else:
             self.pool.free(slots)
