@@ -13,6 +13,7 @@ steps), so none of it races a batch. Each seed semantic lives in one function:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -111,6 +112,7 @@ class ControlledEngine:
         self.idle = IdleTracker(self.emitter, self.pool_snapshot, self._flush_kv_events)
         self._sinks: dict[str, Sink] = {}
         self._abort_msgs: dict[str, str] = {}
+        self._arrivals = 0
         self.weight_version = 0
 
     @classmethod
@@ -146,6 +148,8 @@ class ControlledEngine:
 
     def check_prompt(self, input_ids: list[int], params: SamplingParams) -> None:
         """Refuse what can never run (thread-safe: reads only immutable config)."""
+        if not input_ids:
+            raise ControlError("empty prompt")
         vocab = self.scheduler.model_cfg.vocab_size
         bad = [t for t in input_ids if not 0 <= t < vocab]
         if bad:
@@ -173,10 +177,14 @@ class ControlledEngine:
             return
         self.idle.update(False)  # IdleEnd the moment work arrives
         self._sinks[inp.rid] = sink
+        params = inp.params
+        if params.seed is None:  # reproducible runs: engine seed + arrival order
+            params = dataclasses.replace(params, seed=self.cfg.seed * 1_000_003 + self._arrivals)
+        self._arrivals += 1
         req = Req(
             rid=inp.rid,
             prompt_ids=list(inp.input_ids),
-            sampling=inp.params,
+            sampling=params,
             queued_ns=_now_ns(),
             traceparent=inp.traceparent,
             on_output=self._on_output,

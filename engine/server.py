@@ -15,7 +15,6 @@ import asyncio
 import hmac
 import ipaddress
 import json
-import os
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -280,8 +279,12 @@ def create_app(runner: EngineRunner, settings: ServerSettings | None = None) -> 
                         "meta_info": _meta(rid, last, started),
                     }
                 )
-        except (asyncio.CancelledError, TimeoutError):
+        except TimeoutError:
             for rid, _ in handles:
+                runner.abort(rid)
+            raise ApiError("request timed out", 504) from None
+        except (asyncio.CancelledError, ApiError):
+            for rid, _ in handles:  # the client went away, or one prompt failed
                 runner.abort(rid)
             raise
         return _json(outs if batched else outs[0])
@@ -361,13 +364,18 @@ def create_app(runner: EngineRunner, settings: ServerSettings | None = None) -> 
                     raise
             await asyncio.sleep(0.02)
 
+    @app.post("/release_memory_occupation", dependencies=guard)
+    async def release_memory_occupation() -> JSONResponse:
+        await runner.call(lambda eng: eng.release_memory())
+        return _json({"success": True, "message": "Memory released."})
+
     @app.post("/update_weights_from_disk", dependencies=guard)
     async def update_weights_from_disk(request: Request) -> JSONResponse:
         body = await body_of(request)
         path = body.get("model_path")
         if not isinstance(path, str) or not path:
             raise ApiError("'model_path' (a local safetensors file or directory) is required")
-        if os.sep not in path and not os.path.exists(path) and "://" in path:
+        if "://" in path:
             raise ApiError("only local paths are supported (the engine never downloads)")
         msg = await runner.call(lambda eng: eng.update_weights(path))
         return _json({"success": True, "message": msg, "num_paused_requests": 0})
