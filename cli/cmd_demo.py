@@ -279,7 +279,7 @@ class _Workload:
         paused_once = False
         self._mark("running")
         for i in range(s.requests):
-            while not self.slots.acquire(timeout=0.05):
+            while not self.slots.acquire(timeout=0.01):
                 refresh()
                 if not paused_once:
                     paused_once = self._maybe_pause(refresh)
@@ -300,9 +300,12 @@ class _Workload:
             if not paused_once:
                 paused_once = self._maybe_pause(refresh)
             refresh()
-            time.sleep(0.05)
+            time.sleep(0.01)
             if time.monotonic() > deadline + 30:
                 break
+        if not paused_once and not self.stop.is_set():
+            # Too few requests to catch one decoding: still show a pause span.
+            self._pause(refresh, only_while_decoding=False)
 
     def _on_update(self, u) -> None:  # scheduler thread
         if not u.finished:
@@ -317,15 +320,19 @@ class _Workload:
         if self.done < max(1, self.s.requests // 3) or self.done >= self.submitted:
             return False
 
-        def pause_if_decoding(e) -> int:
-            # On the scheduler thread: only pause while requests run, so retract retracts.
+        return self._pause(refresh, only_while_decoding=True)
+
+    def _pause(self, refresh, only_while_decoding: bool) -> bool:
+        def pause_if_decoding(e) -> int | None:
+            # On the scheduler thread: pause while requests run, so that retract retracts.
             running = len(e.scheduler.running)
-            if running:
+            if running or not only_while_decoding:
                 e.pause_generation("retract", reason="schedscope demo")
-            return running
+                return running
+            return None
 
         retracted = self.runner.call_sync(pause_if_decoding)
-        if not retracted:
+        if retracted is None:
             return False
         self._mark("paused (retract)", running_requests=retracted)
         refresh()
