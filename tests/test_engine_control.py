@@ -19,7 +19,6 @@ from schedscope.engine.control_errors import (
     WeightsMismatchError,
 )
 from schedscope.engine.emitter import NullEmitter
-from schedscope.engine.radix_cache import RadixCache
 from schedscope.engine.runner import GenerateInput, TokenUpdate
 from schedscope.engine.sampling import SamplingParams
 from schedscope.telemetry.schema import (
@@ -191,9 +190,6 @@ def test_unknown_pause_mode_is_refused():
     assert eng.paused is None
 
 
-@pytest.mark.skipif(
-    not hasattr(RadixCache, "on_evict"), reason="radix cache has no eviction hook yet (issue 4)"
-)
 def test_flush_cache_refused_while_running_or_offloading_accepted_when_idle():
     # A pool of 96 slots: the third prompt evicts the first ones' cached pages, which start
     # copying to the CPU tier (held in flight here).
