@@ -372,6 +372,8 @@ _array_decoder = msgspec.msgpack.Decoder(list[msgspec.Raw])
 _int_decoder = msgspec.msgpack.Decoder(int)
 _header_decoder = msgspec.msgpack.Decoder(tuple[int, str, int, list[msgspec.Raw]])
 _event_decoder = msgspec.msgpack.Decoder(AnyEvent)
+# msgspec reports a str with invalid UTF-8 as UnicodeDecodeError, not DecodeError.
+_DECODE_ERRORS = (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError)
 
 
 def encode_envelope(engine_id: str, seq: int, events: list[Event]) -> bytes:
@@ -403,7 +405,7 @@ def decode_envelope(frame: bytes | memoryview) -> DecodedFrame:
         env = _envelope_decoder.decode(frame)
         if env.schema_version == SCHEMA_VERSION and env.seq >= 0:
             return DecodedFrame(env.engine_id, env.seq, env.events)
-    except (msgspec.DecodeError, msgspec.ValidationError):
+    except _DECODE_ERRORS:
         pass
     return _decode_slow(frame)
 
@@ -414,7 +416,7 @@ def _decode_slow(frame: bytes | memoryview) -> DecodedFrame:
         # The version is checked before the rest, so a future envelope of another shape is
         # reported as a version mismatch, not as garbage.
         version = _int_decoder.decode(parts[0]) if parts else None
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+    except _DECODE_ERRORS as exc:
         raise FrameError("malformed", f"malformed frame: {exc}") from None
     if version is None:
         raise FrameError("malformed", "malformed frame: empty envelope")
@@ -425,7 +427,7 @@ def _decode_slow(frame: bytes | memoryview) -> DecodedFrame:
         )
     try:
         _, engine_id, seq, raw_events = _header_decoder.decode(frame)
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+    except _DECODE_ERRORS as exc:
         raise FrameError("malformed", f"malformed envelope: {exc}") from None
     if seq < 0:
         raise FrameError("malformed", f"negative seq {seq} from engine {engine_id!r}")
@@ -435,7 +437,7 @@ def _decode_slow(frame: bytes | memoryview) -> DecodedFrame:
     for raw in raw_events:
         try:
             events.append(_event_decoder.decode(raw))
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        except _DECODE_ERRORS as exc:
             tag = _event_tag(raw)
             if tag is not None and tag not in EVENT_TAGS:
                 unknown += 1
@@ -449,7 +451,7 @@ def _event_tag(raw: msgspec.Raw) -> int | None:
     try:
         parts = _array_decoder.decode(raw)
         return _int_decoder.decode(parts[0]) if parts else None
-    except (msgspec.DecodeError, msgspec.ValidationError):
+    except _DECODE_ERRORS:
         return None
 
 
