@@ -129,11 +129,10 @@ class _SidecarProcess:
             "--snapshot" if v["snapshot"] else "--no-snapshot",
             "--record" if v["record"] else "--no-record",
             "--record-max-bytes", str(v["record_max_bytes"]),
-            "--service-name", v["service_name"],
             "--log-level", v["log_level"],
             "--no-summary",
         ]  # fmt: skip
-        for key in ("otlp_endpoint", "otlp_protocol", "kv_relay_endpoint",
+        for key in ("otlp_endpoint", "otlp_protocol", "service_name", "kv_relay_endpoint",
                     "kv_relay_replay_endpoint", "kv_relay_topic", "kv_relay_buffer_steps",
                     "kv_relay_hash_style", "kv_relay_config"):  # fmt: skip
             value = v.get(key)

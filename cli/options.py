@@ -60,7 +60,8 @@ OPTIONS: dict[str, Option] = {
         _o("otlp_protocol", choice("grpc", "http/protobuf"), None,
            "OTLP protocol; default: http/protobuf for port 4318, grpc otherwise.",
            ("OTEL_EXPORTER_OTLP_PROTOCOL",)),
-        _o("service_name", parse_str, "schedscope", "OTel service.name of the sidecar's spans.",
+        _o("service_name", parse_str, None,
+           "OTel service.name of the spans (default schedscope-sidecar).",
            ("OTEL_SERVICE_NAME",)),
         # -- files ------------------------------------------------------------------------
         _o("out_dir", parse_writable_dir, None,

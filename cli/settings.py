@@ -36,11 +36,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # Python 3.10: the same parser, as a package
-    import tomli as tomllib
-
 CONFIG_ENV = "SCHEDSCOPE_CONFIG"
 EXIT_USAGE = 2  # bad flag / env / config value: the same status click uses for usage errors
 
@@ -376,6 +371,15 @@ def _load_config(
         return None, {}
     path = Path(config).expanduser()
     prefix = f"config file {str(path)!r} ({source})"
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # Python 3.10: the same parser as a package, when installed
+        try:
+            import tomli as tomllib
+        except ImportError:
+            raise CliError(
+                f"{prefix}: reading TOML on Python 3.10 needs 'pip install tomli'"
+            ) from None
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
