@@ -13,6 +13,18 @@ from schedscope.dashboards.rules import Alert, Group, Recording
 ENGINE = "instance, model_name, engine_id"
 BY = f"by ({ENGINE})"
 ON = f"on ({ENGINE})"
+SIDECAR = "by (instance)"
+
+
+def grown(selector: str, window: str, by: str = BY) -> str:
+    """How much a counter grew over ``window``, a series born inside the window counted from 0.
+
+    ``increase()`` alone reads 0 for a counter whose first scrape is already non-zero, which
+    is exactly how failures of a new engine look (its first message reports the seq gap or
+    the leak). ``x unless x offset w`` is the series that did not exist ``w`` ago; ``or``
+    matches without the metric name, so older series fall through to ``increase()``.
+    """
+    return f"sum {by} (({selector} unless {selector} offset {window}) or increase({selector}[{window}]))"
 
 
 def recording_rules() -> Group:
@@ -73,9 +85,9 @@ and {ON} sum {BY} (increase({M.forward_iterations}[2m])) == 0
             ),
             Alert(
                 "SchedscopeTelemetryLosingEvents",
-                f"""sum {BY} (increase({M.lost_messages}[5m])) > 0
-or sum {BY} (increase({M.engine_dropped_events}[5m])) > 0
-or sum by (instance) (increase({M.sidecar_queue_dropped_events}[5m])) > 0""",
+                f"""{grown(M.lost_messages, "5m")} > 0
+or {grown(M.engine_dropped_events, "5m")} > 0
+or {grown(M.sidecar_queue_dropped_events, "5m", SIDECAR)} > 0""",
                 for_="1m",
                 severity="warning",
                 summary="Telemetry on {{ $labels.instance }} is losing events",
@@ -91,7 +103,7 @@ or sum by (instance) (increase({M.sidecar_queue_dropped_events}[5m])) > 0""",
             ),
             Alert(
                 "SchedscopeBadFrames",
-                f"sum by (instance) (increase({M.ingest_bad_frames}[5m])) > 0",
+                f"{grown(M.ingest_bad_frames, '5m', SIDECAR)} > 0",
                 for_="0m",
                 severity="warning",
                 summary="The sidecar on {{ $labels.instance }} receives frames it cannot decode",
@@ -104,7 +116,7 @@ process writing to the raw-event endpoint. Compare versions; check the endpoint 
             ),
             Alert(
                 "SchedscopeMemoryLeakDetected",
-                f"""sum {BY} (increase({M.memory_checks}{{result="leak"}}[10m])) > 0
+                f"""{grown(M.memory_checks + '{result="leak"}', "10m")} > 0
 or max {BY} ({M.memory_leaked_slots}) > 0""",
                 for_="0m",
                 severity="critical",
@@ -163,10 +175,8 @@ def kv_relay_alert() -> Alert:
         expr, for_ = f"max {BY} ({lag}) > 1", "2m"
         what = "more than 1 s behind the engine"
     else:
-        expr = (
-            f"sum by (instance, exporter) "
-            f'(increase({M.export_kv_batches}{{outcome="dropped"}}[5m])) > 0'
-        )
+        dropped = M.export_kv_batches + '{outcome="dropped"}'
+        expr = f"{grown(dropped, '5m', 'by (instance, exporter)')} > 0"
         for_, what = "1m", "dropping KV batches (its bounded queue overflows)"
     return Alert(
         "SchedscopeKvRelayLagging",

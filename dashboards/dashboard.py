@@ -72,6 +72,7 @@ def heat(hist: str, title: str, description: str) -> g.Panel:
 
 
 def _overview() -> list[g.Panel]:
+    leaks = q(M.memory_checks, LEAK)  # a new engine's counter may be born at 1: count it
     return [
         g.row("Overview"),
         g.stat(
@@ -101,7 +102,8 @@ def _overview() -> list[g.Panel]:
         ),
         g.stat(
             "Memory-check failures (range)",
-            f"sum(increase({q(M.memory_checks, LEAK)}[$__range])) or vector(0)",
+            f"sum(({leaks} unless {leaks} offset $__range) or increase({leaks}[$__range]))"
+            " or vector(0)",
             description="Idle-time memory checks that found leaked KV slots or request-table entries.",
             thresholds=[(None, "green"), (1, "red")],
             decimals=0,

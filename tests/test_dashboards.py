@@ -20,7 +20,7 @@ from schedscope.dashboards import DASHBOARDS_DIR
 from schedscope.dashboards.alerting import rule_groups
 from schedscope.dashboards.build import DASHBOARD_FILE, RULES_FILE, main, stale_files
 from schedscope.dashboards.grafana import DATASOURCE, GRID_WIDTH
-from schedscope.dashboards.names import definition
+from schedscope.dashboards.names import M, definition
 from schedscope.dashboards.promql import (
     dashboard_expressions,
     metric_names,
@@ -145,11 +145,11 @@ def test_required_panels_are_there() -> None:
 def test_pause_spans_are_annotated_on_the_throughput_panel() -> None:
     anns = {a["name"]: a for a in DASHBOARD["annotations"]["list"]}
     pause = anns["Pause spans"]
-    assert pause["enable"] and "schedscope:paused" in pause["expr"]
+    assert pause["enable"] and M.paused in pause["expr"]
     (panel,) = [p for p in DASHBOARD["panels"] if p["title"].startswith("Generation throughput (")]
     exprs = [t["expr"] for t in panel["targets"]]
-    assert any("sglang:gen_throughput" in e for e in exprs)
-    assert any("schedscope:paused" in e for e in exprs)  # shaded on the panel itself too
+    assert any(M.gen_throughput in e for e in exprs)
+    assert any(M.paused in e for e in exprs)  # shaded on the panel itself too
 
 
 # --- metric names: one source of truth ---------------------------------------------------
@@ -216,6 +216,12 @@ def _series(metric: str, values: str, **labels: str) -> dict[str, str]:
     return {"series": f"{metric}{{{lbl}}}", "values": values}
 
 
+def _sidecar_series(metric: str, values: str, **labels: str) -> dict[str, str]:
+    """A sidecar-wide series: no engine labels, only the scrape's instance."""
+    lbl = ", ".join(f'{k}="{v}"' for k, v in {"instance": ENGINE["instance"], **labels}.items())
+    return {"series": f"{metric}{{{lbl}}}", "values": values}
+
+
 def _expand(template: str, labels: dict[str, str], value: float) -> str:
     """Prometheus' alert templating, for the only forms the rules use."""
     out = template.replace("{{ $value | humanize }}", f"{value:.4g}")
@@ -238,16 +244,16 @@ def _expect(alert: str, labels: dict[str, str], value: float) -> dict[str, Any]:
 
 def _healthy_engine(**overrides: str) -> list[dict[str, str]]:
     base = {
-        "sglang:num_running_reqs": "2x40",
-        "sglang:num_queue_reqs": "0x40",
-        "sglang:token_usage": "0.3x40",
-        "schedscope:paused": "0x40",
-        "schedscope:events_total": "0+100x40",
-        "schedscope:forward_iterations_total": "0+50x40",
+        M.num_running_reqs: "2x40",
+        M.num_queue_reqs: "0x40",
+        M.token_usage: "0.3x40",
+        M.paused: "0x40",
+        M.events: "0+100x40",
+        M.forward_iterations: "0+50x40",
     }
     base.update(overrides)
     return [
-        _series(m, v, mode="decode") if m.startswith("schedscope:forward") else _series(m, v)
+        _series(m, v, mode="decode") if m == M.forward_iterations else _series(m, v)
         for m, v in base.items()
     ]
 
@@ -263,7 +269,7 @@ def _unit_tests() -> list[dict[str, Any]]:
             "alert_rule_test": [{"eval_time": at, "alertname": alert, "exp_alerts": exp}],
         }
 
-    stalled = {"schedscope:forward_iterations_total": "100x40"}
+    stalled = {M.forward_iterations: "100x40"}
     sidecar = {"instance": ENGINE["instance"]}
     return [
         case(
@@ -278,14 +284,14 @@ def _unit_tests() -> list[dict[str, Any]]:
         ),
         case(
             "no batches while paused: not a stall",
-            _healthy_engine(**stalled, **{"schedscope:paused": "1x40"}),
+            _healthy_engine(**stalled, **{M.paused: "1x40"}),
             "SchedscopeThroughputStalled",
             "8m",
             [],
         ),
         case(
             "seq gaps: losing events",
-            [*_healthy_engine(), _series("schedscope:lost_messages_total", "0 0 0 5x37")],
+            [*_healthy_engine(), _series(M.lost_messages, "0 0 0 5x37")],
             "SchedscopeTelemetryLosingEvents",
             "2m",
             [_expect("SchedscopeTelemetryLosingEvents", ENGINE, 5)],
@@ -294,10 +300,7 @@ def _unit_tests() -> list[dict[str, Any]]:
             "sidecar queue drops: losing events",
             [
                 *_healthy_engine(),
-                {
-                    "series": f'schedscope:sidecar_queue_dropped_events_total{{instance="{ENGINE["instance"]}"}}',
-                    "values": "0 0 0 7x37",
-                },
+                _sidecar_series(M.sidecar_queue_dropped_events, "0 0 0 7x37"),
             ],
             "SchedscopeTelemetryLosingEvents",
             "2m",
@@ -305,12 +308,7 @@ def _unit_tests() -> list[dict[str, Any]]:
         ),
         case(
             "bad frames",
-            [
-                {
-                    "series": f'schedscope:ingest_bad_frames_total{{instance="{ENGINE["instance"]}", kind="malformed"}}',
-                    "values": "0 0 2x38",
-                }
-            ],
+            [_sidecar_series(M.ingest_bad_frames, "0 0 2x38", kind="malformed")],
             "SchedscopeBadFrames",
             "1m",
             [_expect("SchedscopeBadFrames", sidecar, 2)],
@@ -319,18 +317,25 @@ def _unit_tests() -> list[dict[str, Any]]:
             "memory check found a leak",
             [
                 *_healthy_engine(),
-                _series("schedscope:memory_checks_total", "0 0 1x38", result="leak"),
+                _series(M.memory_checks, "0 0 1x38", result="leak"),
             ],
             "SchedscopeMemoryLeakDetected",
             "1m",
             [_expect("SchedscopeMemoryLeakDetected", ENGINE, 1)],
         ),
         case(
+            "a new engine's first scrape already counts a leak",
+            [*_healthy_engine(), _series(M.memory_checks, "1x40", result="leak")],
+            "SchedscopeMemoryLeakDetected",
+            "2m",
+            [_expect("SchedscopeMemoryLeakDetected", ENGINE, 1)],
+        ),
+        case(
             "memory checks ok: no leak",
             [
                 *_healthy_engine(),
-                _series("schedscope:memory_checks_total", "0+1x40", result="ok"),
-                _series("schedscope:memory_leaked_slots", "0x40"),
+                _series(M.memory_checks, "0+1x40", result="ok"),
+                _series(M.memory_leaked_slots, "0x40"),
             ],
             "SchedscopeMemoryLeakDetected",
             "5m",
@@ -339,10 +344,9 @@ def _unit_tests() -> list[dict[str, Any]]:
         case(
             "kv relay drops batches",
             [
-                {
-                    "series": f'schedscope_export_kv_batches_total{{instance="{ENGINE["instance"]}", exporter="kv_relay", outcome="dropped"}}',
-                    "values": "0 0 0+3x38",
-                }
+                _sidecar_series(
+                    M.export_kv_batches, "0 0 0+3x38", exporter="kv_relay", outcome="dropped"
+                )
             ],
             "SchedscopeKvRelayLagging",
             "3m",
@@ -350,7 +354,7 @@ def _unit_tests() -> list[dict[str, Any]]:
         ),
         case(
             "engine silent: heartbeat missing",
-            _healthy_engine(**{"schedscope:events_total": "0+100x8 900x31"}),
+            _healthy_engine(**{M.events: "0+100x8 900x31"}),
             "SchedscopeEngineHeartbeatMissing",
             "6m",
             [_expect("SchedscopeEngineHeartbeatMissing", ENGINE, 0)],
@@ -364,14 +368,14 @@ def _unit_tests() -> list[dict[str, Any]]:
         ),
         case(
             "queue grows with free KV: alert",
-            _healthy_engine(**{"sglang:num_queue_reqs": "0+1x40"}),
+            _healthy_engine(**{M.num_queue_reqs: "0+1x40"}),
             "SchedscopeQueueGrowingWhileIdleCapable",
             "8m",
             [_expect("SchedscopeQueueGrowingWhileIdleCapable", ENGINE, 1)],
         ),
         case(
             "queue grows with KV full: saturation, not this alert",
-            _healthy_engine(**{"sglang:num_queue_reqs": "0+1x40", "sglang:token_usage": "0.95x40"}),
+            _healthy_engine(**{M.num_queue_reqs: "0+1x40", M.token_usage: "0.95x40"}),
             "SchedscopeQueueGrowingWhileIdleCapable",
             "8m",
             [],
