@@ -175,7 +175,6 @@ class ControlledEngine:
         except ControlError as exc:
             sink(_error_update(inp, str(exc)))
             return
-        self.idle.update(False)  # IdleEnd the moment work arrives
         self._sinks[inp.rid] = sink
         params = inp.params
         if params.seed is None:  # reproducible runs: engine seed + arrival order
@@ -189,7 +188,12 @@ class ControlledEngine:
             traceparent=inp.traceparent,
             on_output=self._on_output,
         )
-        sched.add_request(req)
+        self.admit(req)
+
+    def admit(self, req: Req) -> None:
+        """Every new request comes in here: the idle span closes the moment work arrives."""
+        self.idle.update(False)
+        self.scheduler.add_request(req)
 
     def abort_request(self, rid: str, reason: str = "aborted by client") -> None:
         sched = self.scheduler
@@ -582,9 +586,8 @@ class ControlledEngine:
         )
         return info
 
-    def shutdown(self, failure: str | None = None) -> None:
-        """Stop on the scheduler thread: clients get an error, telemetry says goodbye."""
-        message = f"engine stopped: {failure}" if failure else "engine stopped"
+    def fail_clients(self, message: str) -> None:
+        """Tell every request still waiting on a sink that the engine is gone."""
         for rid, sink in list(self._sinks.items()):
             req = self.scheduler.reqs.get(rid)
             sink(
@@ -599,12 +602,20 @@ class ControlledEngine:
                 )
             )
         self._sinks.clear()
+
+    def close(self) -> None:
+        """Release what the control plane owns (not the emitter: its owner closes it)."""
         if self.profiler.in_progress:
             self.profiler.stop()
         if self.offloader is not None:
             self.offloader.close()
-        self.emitter.close("error" if failure else "shutdown")
         self.inbox.close()
+
+    def shutdown(self, failure: str | None = None) -> None:
+        """Stop on the scheduler thread: clients get an error, telemetry says goodbye."""
+        self.fail_clients(f"engine stopped: {failure}" if failure else "engine stopped")
+        self.close()
+        self.emitter.close("error" if failure else "shutdown")
 
 
 def _finish_reason(out: RequestOutput, abort_message: str) -> dict[str, Any]:
