@@ -163,12 +163,13 @@ class EngineAssembler:
             Shutdown: self._shutdown,
         }
         self._reset_state()
+        self._per_mode: dict[str, tuple] = {}
+        self._decode_tokens = metrics.realtime_tokens("decode")
         self.set_info(record.info)
 
     def _reset_state(self) -> None:
         self.batches: OrderedDict[int, OpenBatch] = OrderedDict()
         self.done_iters: set[int] = set()
-        self._done_order: deque[int] = deque()
         self.last_launched: int | None = None
         self._lost_at_last_launch = self.record.lost_messages
         self.reqs: OrderedDict[str, ReqState] = OrderedDict()
@@ -178,6 +179,9 @@ class EngineAssembler:
         self.weights: tuple[object, int, str] | None = None  # (span, start ts, source)
         self.profile_span = None
         self.kv_cached_blocks = 0
+        self._cohort_rids: list[str] | None = None  # see _observe_itl
+        self._cohort_ts = 0
+        self._cohort_ctx: trace.SpanContext | None = None
 
     # -- identity ------------------------------------------------------------------------
 
@@ -320,9 +324,12 @@ class EngineAssembler:
         self._remember_done(fi)
         m = self.m
         mode = ev.mode
-        m.forward_iterations(mode).value += 1
-        if b is not None:
-            m.batch_seconds(mode).value += max(0, ev.ts - b.launch_ts) * _NS
+        per_mode = self._per_mode.get(mode)
+        if per_mode is None:  # cached: no Labelled lookup per batch
+            per_mode = self._per_mode[mode] = (m.forward_iterations(mode), m.batch_seconds(mode))
+        per_mode[0].value += 1
+        if b is not None and ev.ts > b.launch_ts:
+            per_mode[1].value += (ev.ts - b.launch_ts) * _NS
         p = ev.prefill
         if p is not None:
             m.num_running_reqs.value = p.running_reqs
@@ -342,7 +349,7 @@ class EngineAssembler:
             m.num_used_tokens.value = d.num_tokens
             m.spec_accept_length.value = d.spec_accept_length
             m.is_cuda_graph.value = 1.0 if d.cuda_graph else 0.0
-            m.realtime_tokens("decode").value += d.generated_tokens
+            self._decode_tokens.value += d.generated_tokens
             set_gen_throughput_from_decode(m, d.gen_throughput)
             if b is not None and b.rids:
                 self._observe_itl(b.rids, ev.ts, d.generated_tokens)
@@ -378,6 +385,23 @@ class EngineAssembler:
     def _observe_itl(self, rids: list[str], ts: int, generated: int) -> None:
         """One inter-token latency per request of the batch: time since its previous token.
         Requests whose previous token came at the same moment share one weighted observe."""
+        n = len(rids)
+        per_req = generated / n if generated > n else 1.0  # > 1 under speculative decoding
+        itl = self.m.itl
+        # NOTE: fast path. In steady decode the batch holds exactly the requests of the previous
+        # decode batch (the "cohort"), whose previous token all came at the cohort's time: one
+        # C-level list compare instead of a lookup per request. Per-request times are written
+        # back (materialized) only when the cohort changes.
+        if rids == self._cohort_rids:
+            interval = (ts - self._cohort_ts) * _NS
+            self._cohort_ts = ts
+            ctx = self._cohort_ctx
+            if per_req > 1.0:
+                itl.observe(interval / per_req, round(n * per_req), ctx)
+            else:
+                itl.observe(interval, n, ctx)
+            return
+        self._materialize_cohort()
         reqs = self.reqs
         groups: dict[int, int] = {}
         last_r = None
@@ -391,24 +415,36 @@ class EngineAssembler:
             r.last_token_ts = ts
             groups[prev] = groups.get(prev, 0) + 1
             last_r = r
-        if not groups:
-            return
-        per_req = generated / len(rids) if generated > len(rids) else 1.0  # spec decoding
         ctx = _ctx(last_r.span) if last_r is not None else None
-        itl = self.m.itl
-        for prev, n in groups.items():
+        if sum(groups.values()) == n:  # every request had a previous token: a new cohort
+            self._cohort_rids = rids
+            self._cohort_ts = ts
+            self._cohort_ctx = ctx
+        for prev, k in groups.items():
             interval = (ts - prev) * _NS
             if per_req > 1.0:
-                itl.observe(interval / per_req, round(n * per_req), ctx)
+                itl.observe(interval / per_req, round(k * per_req), ctx)
             else:
-                itl.observe(interval, n, ctx)
+                itl.observe(interval, k, ctx)
+
+    def _materialize_cohort(self) -> None:
+        rids = self._cohort_rids
+        if rids is None:
+            return
+        ts = self._cohort_ts
+        reqs = self.reqs
+        for rid in rids:
+            r = reqs.get(rid)
+            if r is not None and r.last_token_ts is not None and r.last_token_ts < ts:
+                r.last_token_ts = ts
+        self._cohort_rids = None
 
     def _remember_done(self, fi: int) -> None:
-        self.done_iters.add(fi)
-        order = self._done_order
-        order.append(fi)
-        if len(order) > self.config.recent_iters:
-            self.done_iters.discard(order.popleft())
+        done = self.done_iters
+        done.add(fi)
+        if len(done) > 2 * self.config.recent_iters:
+            # Amortized pruning: keep the newest recent_iters (forward_iters mostly increase).
+            self.done_iters = set(sorted(done)[-self.config.recent_iters :])
 
     def _force_end_batch(self, fi: int, b: OpenBatch, reason: str, end: int | None = None) -> None:
         self._remember_done(fi)  # a late BatchDone is then a duplicate, not a new batch
@@ -630,14 +666,17 @@ class EngineAssembler:
         m = self.m
         for e in ev.events:
             t = type(e)
-            if t is BlockStored:
-                stored += len(e.block_hashes)  # type: ignore[union-attr]
-            elif t is BlockRemoved:
-                removed += len(e.block_hashes)  # type: ignore[union-attr]
+            if t is BlockStored or t is BlockRemoved:
+                k = len(e.block_hashes)  # type: ignore[union-attr]
+                if t is BlockStored:
+                    stored += k
+                    cached += k
+                else:
+                    removed += k
+                    cached -= k
             elif t is AllBlocksCleared:
-                cached -= cached + stored - removed  # clear: back to 0 from here
+                cached = 0
                 m.kv_cache_cleared.value += 1
-        cached += stored - removed
         self.kv_cached_blocks = cached = max(cached, 0)
         m.kv_cached_blocks.value = cached
         m.kv_blocks_stored.value += stored
