@@ -60,6 +60,11 @@ class TelemetryPipeline:
         self.engines: OrderedDict[str, EngineAssembler] = OrderedDict()
         self._closed = False
 
+    @classmethod
+    def in_memory(cls, **kwargs) -> InMemoryTelemetry:
+        """Same as ``in_memory_pipeline(**kwargs)``: wired to in-memory exporters."""
+        return in_memory_pipeline(**kwargs)
+
     # -- wiring ------------------------------------------------------------------------------
 
     def add_kv_sink(self, sink: KvSink) -> None:
