@@ -45,6 +45,10 @@ RECORDING_FILE = "events.ssrec"
 STATE_FILE = "sidecar.json"
 
 KV_HANDOFF_MAX = 10_000  # KV-ingest batches waiting for the processing thread
+# At shutdown, how long a slow or dead OTLP backend may hold us up once the files are written
+# (the SDK would otherwise retry each export for its full timeout, 10 s or more).
+OTLP_SHUTDOWN_S = 5.0
+FILE_EXPORTERS = ("otlp_file", "perfetto")
 
 
 @dataclass
@@ -57,6 +61,7 @@ class SidecarApp:
     pipeline: Any  # telemetry.pipeline.TelemetryPipeline
     tracer_provider: Any
     meter_provider: Any
+    span_processors: list[Any]
     registry: Any  # prometheus_client.CollectorRegistry
     export_stats: Any
     out_dir: Path | None = None
@@ -174,10 +179,7 @@ class SidecarApp:
         _call(self.pipeline, "close")  # ends open spans, flushes pending KV batches
         if self.kv_relay is not None:
             self.kv_relay.close()
-        _call(self.tracer_provider, "force_flush")
-        _call(self.tracer_provider, "shutdown")  # Perfetto and OTLP JSON files are written here
-        _call(self.meter_provider, "force_flush")
-        _call(self.meter_provider, "shutdown")
+        self._shutdown_exporters()
         if self.recorder is not None:
             self.recorder.close()
         if self.out_dir is not None and "snapshot" in self.files:
@@ -186,6 +188,31 @@ class SidecarApp:
             self.metrics_server.close()
         state = self.write_state(running=False)
         return state
+
+    def _shutdown_exporters(self) -> None:
+        """Files first (each processor's shutdown exports what it holds, then the Perfetto
+        file is written); then OTLP and the metric readers (file reader first), given at most
+        OTLP_SHUTDOWN_S: a dead collector must not keep the files, or the exit, waiting."""
+        remote = []
+        for p in self.span_processors:
+            if getattr(p, "name", "") in FILE_EXPORTERS:
+                _call(p, "shutdown")
+            else:
+                remote.append(p)
+
+        def finish() -> None:
+            for p in remote:
+                _call(p, "shutdown")
+            try:
+                self.meter_provider.shutdown(timeout_millis=OTLP_SHUTDOWN_S * 1000)
+            except Exception as exc:  # a reader that ran out of time: counted by the exporter
+                log.warning("metric export at shutdown: %s", exc)
+
+        t = threading.Thread(target=finish, name="schedscope-exporter-shutdown", daemon=True)
+        t.start()
+        t.join(OTLP_SHUTDOWN_S + 1.0)
+        if t.is_alive():
+            log.warning("OTLP backend did not take the last data within %.0f s", OTLP_SHUTDOWN_S)
 
     def write_snapshot(self, path: Path) -> None:
         """The registry as Prometheus text: exactly what /metrics served last."""
@@ -256,10 +283,21 @@ def build_sidecar_app(settings: Settings, *, live: bool = True) -> SidecarApp:
     ``live=False`` (replay): no raw-event socket, no KV ingest; frames come from a recording.
     Raises CliError with one line for what a user can get wrong (port in use, bad folder...).
     """
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.trace import TracerProvider
     from prometheus_client import CollectorRegistry
 
-    from schedscope.exporters.otlp import ExportConfig, build_meter_provider, build_tracer_provider
-    from schedscope.exporters.stats import EXPORT_STATS, ExportStatsCollector
+    from schedscope.exporters.otlp import (
+        ExportConfig,
+        build_metric_readers,
+        build_resource,
+        build_span_processors,
+    )
+    from schedscope.exporters.stats import (
+        EXPORT_STATS,
+        ExportStatsCollector,
+        register_otel_instruments,
+    )
     from schedscope.telemetry.ingest import Ingest
     from schedscope.telemetry.sidecar import Sidecar
 
@@ -304,8 +342,19 @@ def build_sidecar_app(settings: Settings, *, live: bool = True) -> SidecarApp:
     if not otlp_endpoint:
         # Our settings decided already; don't let a stray OTEL_* variable add an exporter.
         config.env = {k: val for k, val in os.environ.items() if "OTLP" not in k}
-    tracer_provider = build_tracer_provider(config)
-    meter_provider = build_meter_provider(config)
+    # Built from the exporters' public parts (not build_tracer_provider) so that close() can
+    # shut the file exporters down before the remote ones.
+    resource = build_resource(config)
+    span_processors = build_span_processors(config)
+    tracer_provider = TracerProvider(resource=resource, shutdown_on_exit=False)
+    for processor in span_processors:
+        tracer_provider.add_span_processor(processor)
+    # Readers come OTLP first, file last; MeterProvider shuts them down in order: reverse.
+    readers = build_metric_readers(config)[::-1]
+    meter_provider = MeterProvider(
+        metric_readers=readers, resource=resource, shutdown_on_exit=False
+    )
+    register_otel_instruments(meter_provider.get_meter("schedscope.exporters"), EXPORT_STATS)
 
     registry = CollectorRegistry(auto_describe=True)
     kv_relay = _build_kv_relay(settings)
@@ -341,6 +390,7 @@ def build_sidecar_app(settings: Settings, *, live: bool = True) -> SidecarApp:
         pipeline=pipeline,
         tracer_provider=tracer_provider,
         meter_provider=meter_provider,
+        span_processors=span_processors,
         registry=registry,
         export_stats=EXPORT_STATS,
         out_dir=out_dir,
