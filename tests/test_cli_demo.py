@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import gzip
 import json
+import os
 import socket
 import subprocess
 import sys
+import threading
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -22,19 +27,70 @@ from schedscope.telemetry.schema import decode_envelope
 SHORT = ["--requests", "9", "--concurrency", "3", "--max-new-tokens", "10"]
 
 
-def _schedscope(*args: str, timeout: float = 90) -> subprocess.CompletedProcess:
+def _schedscope(*args: str, timeout: float = 90, env: dict | None = None):
     return subprocess.run(
         [sys.executable, "-m", "schedscope", *args],
         capture_output=True,
         text=True,
         timeout=timeout,
+        env=env,
     )
 
 
+class _OtlpHttpReceiver:
+    """A real OTLP/HTTP endpoint (protobuf), decoding with the official proto messages."""
+
+    def __init__(self) -> None:
+        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+            ExportTraceServiceRequest,
+        )
+
+        self.spans: Counter[str] = Counter()
+        self.metric_posts = 0
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                if self.headers.get("Content-Encoding") == "gzip":
+                    body = gzip.decompress(body)
+                if self.path == "/v1/traces":
+                    req = ExportTraceServiceRequest.FromString(body)
+                    for rs in req.resource_spans:
+                        for ss in rs.scope_spans:
+                            receiver.spans.update(s.name for s in ss.spans)
+                else:
+                    receiver.metric_posts += 1
+                self.send_response(200)
+                self.send_header("Content-Type", "application/x-protobuf")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
 @pytest.fixture(scope="module")
-def demo_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess]:
+def otlp_receiver():
+    receiver = _OtlpHttpReceiver()
+    yield receiver
+    receiver.server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory: pytest.TempPathFactory, otlp_receiver: _OtlpHttpReceiver):
+    """One short demo for the module, exporting to a live OTLP receiver as well."""
     out = tmp_path_factory.mktemp("demo") / "out"
-    proc = _schedscope("demo", *SHORT, "--out-dir", str(out), "--device", "cpu")
+    env = {
+        **os.environ,
+        "OTEL_EXPORTER_OTLP_ENDPOINT": otlp_receiver.url,
+        "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
+    }
+    proc = _schedscope("demo", *SHORT, "--out-dir", str(out), "--device", "cpu", env=env)
     return out, proc
 
 
@@ -73,6 +129,14 @@ def test_demo_writes_every_file_and_the_summary_matches_them(demo_run) -> None:
     names = [type(e).__name__ for f in frames for e in f.events]
     assert names[0] == "EngineHello" and names[-1] == "Shutdown"
     assert names.count("Paused") == 1 and names.count("IdleBegin") >= 1
+
+
+def test_demo_also_exports_to_the_otlp_endpoint(demo_run, otlp_receiver) -> None:
+    out, proc = demo_run
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert otlp_receiver.spans == span_names(out / "traces.jsonl")  # the same spans, twice
+    assert otlp_receiver.spans["pause"] == 1 and otlp_receiver.spans["idle"] >= 1
+    assert otlp_receiver.metric_posts >= 1
 
 
 def test_record_then_replay_gives_the_live_spans_and_metrics(demo_run, tmp_path: Path) -> None:
