@@ -263,13 +263,29 @@ def _kv() -> list[g.Panel]:
         ),
     ]
     lag = optional("kv_relay_lag")
+    panels.append(
+        g.timeseries(
+            "KV relay: batches by outcome",
+            [
+                g.target(
+                    rate(M.export_kv_batches, "by (exporter, outcome)"), "{{exporter}} {{outcome}}"
+                )
+            ],
+            unit="ops",
+            width=24 if lag is None else 12,
+            description=(
+                "What the KV-event relay did with the batches (sent to subscribers, dropped by its "
+                "bounded queue, replayed on request). Drops mean routers fall behind."
+            ),
+        )
+    )
     if lag is not None:
         panels.append(
             g.timeseries(
                 "KV relay lag",
                 [g.target(f"max {BY_ENGINE} ({q(lag)})", "{{engine_id}}")],
                 unit="s",
-                width=24,
+                width=12,
                 description="How far the KV-event relay to routers lags behind the engine.",
             )
         )
@@ -320,7 +336,7 @@ def _health() -> list[g.Panel]:
                 ),
             ],
             draw="bars",
-            width=12,
+            width=8,
             description=(
                 "Idle-time memory checks by result; leaked slots = pool - free - cached - in use."
             ),
@@ -332,8 +348,23 @@ def _health() -> list[g.Panel]:
                 g.target(rate(M.requests_evicted), "requests evicted {{engine_id}}"),
             ],
             unit="ops",
-            width=12,
+            width=8,
             description="Open spans closed by timeout / restart / shutdown, and evicted requests.",
+        ),
+        g.timeseries(
+            "Exporters: spans and metric exports by outcome",
+            [
+                g.target(
+                    rate(M.export_spans, "by (exporter, outcome)"), "spans {{exporter}} {{outcome}}"
+                ),
+                g.target(
+                    rate(M.export_metric_exports, "by (exporter, outcome)"),
+                    "metric exports {{exporter}} {{outcome}}",
+                ),
+            ],
+            unit="ops",
+            width=8,
+            description="OTLP / file exporters: exported vs failed vs dropped (a backend down shows here).",
         ),
     ]
 

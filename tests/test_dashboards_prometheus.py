@@ -218,11 +218,15 @@ class Process:
 
 
 @contextlib.contextmanager
-def schedscope(name: str, args: list[str], ready_url: str, log: Path) -> Iterator[Process]:
+def schedscope(
+    name: str, args: list[str], ready_url: str, log: Path, env: dict[str, str] | None = None
+) -> Iterator[Process]:
     """``schedscope <args>`` started (not waited for: the engine imports torch for seconds,
     everything else starts meanwhile); terminated on exit."""
     cmd = [sys.executable, "-m", "schedscope", *args]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log.open("wb"))
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.DEVNULL, stderr=log.open("wb"), env={**os.environ, **(env or {})}
+    )
     try:
         yield Process(name, proc, log, ready_url)
     finally:
@@ -234,13 +238,13 @@ def schedscope(name: str, args: list[str], ready_url: str, log: Path) -> Iterato
             proc.wait()
 
 
-def sidecar_command(endpoint: str, metrics_port: int) -> list[str]:
+def sidecar_command(endpoint: str, metrics_port: int, out_dir: Path) -> list[str]:
     """The sidecar as a user runs it: raw events in, /metrics out, KV relay on."""
     return [
         "sidecar",
         *("--endpoint", endpoint, "--prometheus-port", str(metrics_port)),
         *("--kv-relay-endpoint", f"tcp://127.0.0.1:{free_port()}"),
-        *("--no-otlp-json", "--no-summary"),
+        *("--otlp-json", "--out-dir", str(out_dir), "--no-summary"),  # exporters at work
     ]
 
 
@@ -339,9 +343,11 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
         sidecar = stack.enter_context(
             schedscope(
                 "sidecar",
-                sidecar_command(endpoint, metrics_port),
+                sidecar_command(endpoint, metrics_port, workdir / "sidecar-out"),
                 f"http://{target}/metrics",
                 workdir / "sidecar.log",
+                # OTLP metrics every second (the standard variable), so exporters show up.
+                {"OTEL_METRIC_EXPORT_INTERVAL": "1000"},
             )
         )
         prom = start_prometheus(workdir, [target], [RULES_FILE])
