@@ -13,9 +13,11 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -141,9 +143,27 @@ class _SidecarProcess:
                 args += ["--" + key.replace("_", "-"), text]
         return args
 
+    def _check_port_free(self) -> None:
+        """Fail fast, before spawning anything, when the /metrics port is taken (the sidecar
+        would say the same a few seconds later)."""
+        v = self.settings.values
+        port = v["prometheus_port"]
+        if not port:
+            return
+        with socket.socket(socket.AF_INET6 if ":" in v["prometheus_host"] else socket.AF_INET) as s:
+            try:
+                s.bind((v["prometheus_host"], port))
+            except OSError as exc:
+                reason = "already in use" if exc.errno == errno.EADDRINUSE else exc.strerror
+                raise CliError(
+                    f"--prometheus-port {port} on {v['prometheus_host']}: {reason}; "
+                    "pick another port or 0 for a free one"
+                ) from None
+
     def start(self) -> None:
         from schedscope.sidecar_app import STATE_FILE
 
+        self._check_port_free()
         state_path = self.out / STATE_FILE
         state_path.unlink(missing_ok=True)
         env = {k: v for k, v in os.environ.items() if k != "SCHEDSCOPE_CONFIG"}
