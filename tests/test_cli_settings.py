@@ -127,3 +127,26 @@ def test_cli_bad_input_exits_nonzero_with_one_line(args: list[str], needle: str)
     assert r.returncode == 2, r.stderr
     assert r.stderr.startswith("error: ") and needle in r.stderr
     assert "Traceback" not in r.stderr and r.stderr.count("\n") == 1, r.stderr
+
+
+@pytest.mark.parametrize("command", ["demo", "sidecar", "record", "replay"])
+def test_every_catalog_option_is_a_flag_of_its_command(command: str) -> None:
+    """The options catalog and the typer signatures must not drift apart."""
+    import importlib
+    import inspect
+
+    from schedscope.options import COMMAND_OPTIONS
+
+    fn = getattr(importlib.import_module(f"schedscope.cmd_{command}"), command)
+    params = set(inspect.signature(fn).parameters)
+    if "bind" in params:  # the sidecar's --bind/--connect is the `connect` option
+        params.add("connect")
+    # record/replay keep no relay/recording flags they cannot use; everything else is a flag.
+    unused = {"replay": {"record", "record_max_bytes"}}.get(command, set())
+    assert set(COMMAND_OPTIONS[command]) - unused <= params
+
+
+@pytest.mark.parametrize("command", ["demo", "sidecar", "record", "replay", "engine"])
+def test_help_renders(command: str) -> None:
+    r = _cli(command, "--help")
+    assert r.returncode == 0 and "Usage" in r.stdout, r.stderr
