@@ -52,7 +52,7 @@ def replay(
         raise CliError(f"cannot replay {file!r}: {exc}") from None
     s = load_settings("replay", flags, config)
 
-    from schedscope.sidecar_app import build_sidecar_app
+    from schedscope.sidecar_app import TICK_S, build_sidecar_app
     from schedscope.telemetry.recording import RecordingError, RecordingReader, replay_into
 
     try:
@@ -64,14 +64,14 @@ def replay(
         console.print(f"/metrics: {app.metrics_url}")
     restore = on_stop_signals(app.stop)
     started = time.monotonic()
-    # The telemetry ticks on the recorded clock, as often as a live sidecar would (~every
-    # 20 ms of recorded time): timeouts and KV windows then behave as they did live.
+    # The telemetry ticks on the recorded clock, as often as a live sidecar does (every
+    # TICK_S of recorded time): timeouts and KV windows then behave as they did live.
     clock = {"now": 0, "last_tick": 0}
     app.clock = lambda: clock["now"]
 
     def on_frame(_n: int, recv_wall_ns: int) -> None:
         clock["now"] = recv_wall_ns
-        if recv_wall_ns - clock["last_tick"] >= 20_000_000:
+        if recv_wall_ns - clock["last_tick"] >= TICK_S * 1e9:
             clock["last_tick"] = recv_wall_ns
             app.tick()
 

@@ -49,6 +49,7 @@ KV_HANDOFF_MAX = 10_000  # KV-ingest batches waiting for the processing thread
 # (the SDK would otherwise retry each export for its full timeout, 10 s or more).
 OTLP_SHUTDOWN_S = 5.0
 FILE_EXPORTERS = ("otlp_file", "perfetto")
+TICK_S = 0.01  # telemetry clock for time-based work (the pipeline asks for "every few ms")
 
 
 @dataclass
@@ -111,18 +112,22 @@ class SidecarApp:
         duration_s: float | None = None,
         on_tick: Callable[[], None] | None = None,
     ) -> None:
-        """Process frames until ``stop()`` (or ``duration_s``); ``on_tick`` ~10 times a second."""
+        """Process frames until ``stop()`` (or ``duration_s``); ``on_tick`` ~10 times a second.
+
+        The telemetry ticks every TICK_S (KV time windows, batch timeouts): often enough that a
+        window closes within a few ms of its end."""
         deadline = time.monotonic() + duration_s if duration_s else None
-        next_tick = 0.0
+        next_tick = next_callback = 0.0
         while not self._stop.is_set():
-            self.sidecar.process(timeout=0.02)
+            self.sidecar.process(timeout=TICK_S)
             self.drain_kv_ingest()
             now = time.monotonic()
             if now >= next_tick:
-                next_tick = now + 0.1
+                next_tick = now + TICK_S
                 self.tick()
-                if on_tick is not None:
-                    on_tick()
+            if on_tick is not None and now >= next_callback:
+                next_callback = now + 0.1
+                on_tick()
             if deadline is not None and now >= deadline:
                 break
 
