@@ -114,6 +114,10 @@ class EngineConfig:
     max_prefill_tokens: int = 1024  # new tokens per prefill batch
     enable_overlap: bool = False
     enable_radix_cache: bool = True
+    # Evicted radix-cache pages are copied asynchronously to a CPU tier (medium CPU_PINNED)
+    # of this many pages; "offload in flight" is one of the states is_fully_idle waits out.
+    enable_kv_offload: bool = True
+    kv_offload_pages: int = 1024
     seed: int = 0
     # CPU only: torch intra-op threads. Small models gain nothing from more, and OpenMP
     # threads spinning on shared cores cost several times the step. None: leave torch's.

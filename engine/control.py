@@ -86,8 +86,6 @@ class ControlledEngine:
         scheduler: Scheduler,
         *,
         inbox: Inbox | None = None,
-        offload_capacity_pages: int = 1024,
-        enable_offload: bool = True,
     ) -> None:
         self.scheduler = scheduler
         self.cfg: EngineConfig = scheduler.cfg
@@ -100,11 +98,11 @@ class ControlledEngine:
         self.paused: str | None = None
         self.profiler = EngineProfiler(self.emitter)
         self.offloader: KvOffloader | None = None
-        if enable_offload and scheduler.tree is not None:
+        if self.cfg.enable_kv_offload and scheduler.tree is not None:
             self.offloader = KvOffloader(
                 self._read_slots,
                 page_size=self.cfg.page_size,
-                capacity_pages=offload_capacity_pages,
+                capacity_pages=self.cfg.kv_offload_pages,
                 device=self.device,
                 notify=self.inbox.wake,
             )
@@ -123,7 +121,6 @@ class ControlledEngine:
         endpoint: str | None = None,
         telemetry: bool = True,
         emitter: AnyEmitter | None = None,
-        **kwargs: Any,
     ) -> ControlledEngine:
         """Build the model, the scheduler and the emitter from a config."""
         model_cfg = get_model_config(cfg.model, cfg.model_path)
@@ -142,7 +139,7 @@ class ControlledEngine:
                 emitter = Emitter(info, endpoint or cfg.telemetry_endpoint, engine_id=cfg.engine_id)
             else:
                 emitter = NullEmitter()
-        return cls(Scheduler(cfg, model_cfg, emitter), **kwargs)
+        return cls(Scheduler(cfg, model_cfg, emitter))
 
     # -- requests -------------------------------------------------------------------------------
 
@@ -242,7 +239,8 @@ class ControlledEngine:
             return did
         if self.paused is None:
             self.idle.update(self.is_fully_idle())
-        self.emitter.end_step()  # heartbeats while quiet (nothing else is buffered)
+        self._flush_kv_events()  # KV changes made by commands (a reset...) go out now
+        self.emitter.end_step()  # and heartbeats while quiet
         return False
 
     def sleep_timeout_s(self) -> float:

@@ -6,14 +6,17 @@ Two ways to drive it:
   ``abort()`` or ``call()`` (run a function on the scheduler thread, e.g. an admin command).
 
 Everything that reaches the scheduler goes through one thread-safe inbox, drained at the top of
-each loop iteration, so scheduler state is only ever touched by one thread.
+each loop iteration, so scheduler state is only ever touched by one thread. The control plane
+(``engine.control``, engine/control.py: pause, idle spans, memory check, cache flush, weights,
+KV offload, profiler) drives each loop iteration; the idle loop blocks on the inbox's socket.
+Its commands are also methods here (``pause_generation``...), safe from any thread.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
-import queue
+import logging
 import threading
 import time
 import uuid
@@ -22,13 +25,17 @@ from concurrent.futures import Future
 from typing import Any, TypeVar
 
 from schedscope.engine.config import EngineConfig, ModelConfig, get_model_config
+from schedscope.engine.control import ControlledEngine
+from schedscope.engine.control_errors import ControlError
 from schedscope.engine.emitter import AnyEmitter, Emitter, NullEmitter
+from schedscope.engine.inbox import Inbox
 from schedscope.engine.request import GenerationResult, OutputCallback, Req
 from schedscope.engine.sampling import SamplingParams
 from schedscope.engine.scheduler import Scheduler
 from schedscope.engine.tokenizer import ByteTokenizer
 from schedscope.telemetry.schema import EngineInfo
 
+log = logging.getLogger("schedscope.engine")
 T = TypeVar("T")
 Command = Callable[[Scheduler], None]
 
@@ -73,7 +80,9 @@ class Engine:
         self.tokenizer = ByteTokenizer()
         self.scheduler = Scheduler(cfg, self.model_config, emitter)
         self.scheduler.on_finish.append(self._on_finish)
-        self._inbox: queue.SimpleQueue[Command] = queue.SimpleQueue()
+        # Commands for the scheduler thread; the idle loop sleeps on this inbox's socket.
+        self.inbox = Inbox()
+        self.control = ControlledEngine(self.scheduler, inbox=self.inbox)
         self._submitted = itertools.count()  # thread-safe in CPython; orders default seeds
         self._results: dict[str, GenerationResult] = {}
         self._keep: set[str] = set()
@@ -82,6 +91,9 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._closed = False
+        self._calls: set[Future] = set()  # failed, not left hanging, if the loop dies
+        self.failure: str | None = None  # why the scheduler thread died, if it did
+        self.iterations = 0  # loop turns of the thread: an idle engine makes ~1 per second
 
     # -- requests (any thread) --------------------------------------------------------------
 
@@ -111,7 +123,7 @@ class Engine:
         if keep_result:
             with self._lock:
                 self._keep.add(rid)
-        self._inbox.put(lambda s: s.add_request(req))
+        self.inbox.put(lambda s: self.control.admit(req))
         return rid
 
     def _validate(self, ids: list[int], sampling: SamplingParams) -> None:
@@ -129,21 +141,64 @@ class Engine:
             )
 
     def abort(self, rid: str, reason: str = "aborted by client") -> None:
-        self._inbox.put(lambda s: s.abort(rid, reason))
+        self.inbox.put(lambda s: self.control.abort_request(rid, reason))
 
     def call(self, fn: Callable[[Scheduler], T]) -> Future[T]:
         """Run ``fn(scheduler)`` on the scheduler thread, between steps (admin commands)."""
         fut: Future[T] = Future()
+        if self.failure is not None:
+            fut.set_exception(ControlError(f"engine is not running ({self.failure})"))
+            return fut
 
         def command(s: Scheduler) -> None:
+            self._calls.discard(fut)
             if fut.set_running_or_notify_cancel():
                 try:
                     fut.set_result(fn(s))
                 except BaseException as exc:
                     fut.set_exception(exc)
 
-        self._inbox.put(command)
+        self._calls.add(fut)
+        self.inbox.put(command)
         return fut
+
+    def control_call(self, fn: Callable[[ControlledEngine], T], timeout: float = 60.0) -> T:
+        """Run a control-plane command: on the scheduler thread when it runs, else here."""
+        if self._thread is None:
+            self._drain_inbox()
+            return fn(self.control)
+        return self.call(lambda s: fn(self.control)).result(timeout)
+
+    # -- control plane (any thread; refusals raise ControlError subclasses) -------------------
+
+    def pause_generation(self, mode: str = "abort", reason: str = "") -> None:
+        self.control_call(lambda c: c.pause_generation(mode, reason))
+
+    def continue_generation(self) -> None:
+        self.control_call(lambda c: c.continue_generation())
+
+    def is_fully_idle(self, for_health_check: bool = False) -> bool:
+        return self.control_call(lambda c: c.is_fully_idle(for_health_check))
+
+    def flush_cache(self) -> None:
+        self.control_call(lambda c: c.flush_cache())
+
+    def update_weights(self, source: Any) -> str:
+        return self.control_call(lambda c: c.update_weights(source))
+
+    def start_profile(
+        self, output_dir: str | None = None, num_steps: int | None = None, activities=None
+    ) -> str:
+        return self.control_call(lambda c: c.start_profile(output_dir, num_steps, activities))
+
+    def stop_profile(self) -> Any:
+        return self.control_call(lambda c: c.stop_profile())
+
+    def get_internal_state(self) -> dict[str, Any]:
+        return self.control_call(lambda c: c.get_internal_state())
+
+    def set_internal_state(self, changes: dict[str, Any]) -> dict[str, Any]:
+        return self.control_call(lambda c: c.set_internal_state(changes))
 
     def pop_result(self, rid: str) -> GenerationResult | None:
         with self._lock:
@@ -164,7 +219,7 @@ class Engine:
         """One scheduler iteration (inbox, then at most one batch); whether work was done."""
         self._check_not_threaded()
         self._drain_inbox()
-        return self.scheduler.step()
+        return self.control.run_once()
 
     def run_until_idle(self, max_steps: int | None = None) -> int:
         """Step until nothing waits or runs; returns the number of steps taken."""
@@ -172,9 +227,9 @@ class Engine:
         steps = 0
         while max_steps is None or steps < max_steps:
             self._drain_inbox()
-            if not self.scheduler.has_work():
+            if not self.scheduler.has_work() or self.control.paused is not None:
                 break
-            self.scheduler.step()
+            self.control.run_once()
             steps += 1
         return steps
 
@@ -209,14 +264,10 @@ class Engine:
         return [self.pop_result(rid) for rid in rids]  # type: ignore[misc]
 
     def _drain_inbox(self) -> int:
-        n = 0
-        while True:
-            try:
-                command = self._inbox.get_nowait()
-            except queue.Empty:
-                return n
+        commands = self.inbox.drain()
+        for command in commands:
             command(self.scheduler)
-            n += 1
+        return len(commands)
 
     def _check_not_threaded(self) -> None:
         if self._thread is not None:
@@ -236,29 +287,36 @@ class Engine:
     def stop(self, timeout: float = 10.0) -> None:
         if self._thread is not None:
             self._stop.set()
-            self._inbox.put(lambda s: None)  # wake a sleeping loop
+            self.inbox.wake()
             self._thread.join(timeout)
             self._thread = None
 
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and not self._stop.is_set()
+
     def _loop(self) -> None:
-        while not self._stop.is_set():
-            self._drain_inbox()
-            if self.scheduler.step():
-                continue
-            self._on_idle()
-
-    def _on_idle(self, wait_s: float = 0.05) -> None:
-        """No batch ran this iteration: block on the inbox instead of spinning.
-
-        Seam for the control plane (issue 5): decide here whether the engine is *fully*
-        idle (seed 004), emit IdleBegin/IdleEnd, flush pending KV events, run the memory
-        check (seed 003). A paused scheduler (``scheduler.paused``) also lands here.
-        """
         try:
-            command = self._inbox.get(timeout=wait_s)
-        except queue.Empty:
-            return
-        command(self.scheduler)
+            while not self._stop.is_set():
+                self.iterations += 1
+                self._drain_inbox()
+                if self._stop.is_set():
+                    break
+                if not self.control.run_once():
+                    # NOTE: nothing ran (idle, paused, or blocked): sleep on the inbox socket
+                    # instead of spinning (seed 003's IdleSleeper); any submit, abort or
+                    # command wakes it at once, the timeout only paces heartbeats.
+                    self.inbox.wait(self.control.sleep_timeout_s())
+        except Exception as exc:  # report why the thread died instead of vanishing
+            self.failure = f"{type(exc).__name__}: {exc}"
+            log.exception("scheduler thread crashed")
+            self._stop.set()
+            self.control.fail_clients(f"engine stopped: {self.failure}")
+        finally:
+            for fut in list(self._calls):
+                if fut.set_running_or_notify_cancel():
+                    fut.set_exception(ControlError(f"engine stopped ({self.failure or 'stop'})"))
+            self._calls.clear()
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -267,6 +325,7 @@ class Engine:
             return
         self.stop()
         self._closed = True
+        self.control.close()
         self.emitter.flush()
         if self._owns_emitter:
             self.emitter.close()

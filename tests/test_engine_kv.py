@@ -8,6 +8,8 @@ import pytest
 
 from schedscope.engine.sampling import SamplingParams
 from schedscope.telemetry.schema import (
+    MEDIUM_CPU,
+    MEDIUM_GPU,
     AllBlocksCleared,
     BlockRemoved,
     BlockStored,
@@ -25,7 +27,8 @@ class KvReplay:
     """A consumer's view of the cache, built only from the emitted KV events."""
 
     def __init__(self) -> None:
-        self.blocks: dict[int, int | None] = {}  # hash -> parent hash
+        self.blocks: dict[int, int | None] = {}  # GPU tier: hash -> parent hash
+        self.cpu: set[int] = set()  # CPU tier (evicted pages offloaded by the control plane)
         self.seen = 0
         self.stored = self.removed = 0
 
@@ -34,6 +37,13 @@ class KvReplay:
             if not isinstance(batch, KvEvents):
                 continue
             for ev in batch.events:
+                if getattr(ev, "medium", MEDIUM_GPU) == MEDIUM_CPU:  # one view per medium
+                    if isinstance(ev, BlockStored):
+                        assert not self.cpu.intersection(ev.block_hashes)
+                        self.cpu.update(ev.block_hashes)
+                    else:
+                        self.cpu.difference_update(ev.block_hashes)
+                    continue
                 if isinstance(ev, BlockStored):
                     assert ev.block_size == PAGE and len(ev.token_ids) == PAGE
                     assert ev.parent_block_hash is None or ev.parent_block_hash in self.blocks
@@ -47,6 +57,7 @@ class KvReplay:
                     self.removed += 1
                 elif isinstance(ev, AllBlocksCleared):
                     self.blocks.clear()
+                    self.cpu.clear()
         self.seen = len(events)
 
 
@@ -83,6 +94,7 @@ def test_kv_exhaustion_retracts_and_finishes_everything(overlap: bool) -> None:
         assert_no_leak(engine)
         replay.apply(em.events)
         assert set(replay.blocks) == engine.scheduler.tree.block_hashes()
+        assert replay.cpu == set(engine.control.offloader.tier)
     results = [engine.pop_result(r) for r in rids]
     assert all(r.finish_reason == "length" and r.completion_tokens == 60 for r in results)
     assert em.of(ReqRetracted) and sum(r.retractions for r in results) > 0
