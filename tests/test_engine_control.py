@@ -318,3 +318,40 @@ def test_profiler_runs_for_n_steps(tmp_path):
     assert eng.profiler.last_result.steps == 3
     assert em.of(ProfileBegin) and em.of(ProfileEnd)[0].ok
     assert list(tmp_path.glob("*.trace.json"))
+
+
+def test_engine_facade_threaded_pause_and_quiet_idle_loop():
+    """The in-process Engine runs the same control plane on its own thread."""
+    import time
+
+    from schedscope.engine.engine import Engine
+
+    em = RecordingEmitter()
+    engine = Engine(EngineConfig(max_total_tokens=512), emitter=em).start()
+    try:
+        long = SamplingParams(max_new_tokens=300, ignore_eos=True)
+        rid = engine.submit("a long one", long)
+        deadline = time.monotonic() + 20
+        while not engine.get_internal_state()["running_batch_size"]:
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        engine.pause_generation("retract")
+        state = engine.get_internal_state()
+        assert state["paused"] == "retract" and state["waiting_queue_size"] == 1
+        with pytest.raises(AlreadyPausedError):
+            engine.pause_generation("abort")
+        with pytest.raises(NotIdleError):
+            engine.flush_cache()
+        engine.continue_generation()
+        while engine.pop_result(rid) is None:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        while not engine.control.idle.idle:
+            time.sleep(0.005)
+        turns = engine.iterations
+        time.sleep(0.5)
+        assert engine.iterations - turns <= 3  # asleep on the inbox socket, not spinning
+        engine.flush_cache()
+        assert em.of(CacheFlush)[-1].ok and em.of(IdleBegin)
+    finally:
+        engine.close()
