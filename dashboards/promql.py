@@ -74,3 +74,13 @@ def parse_label_values(definition: str) -> tuple[str | None, str]:
     if not m:
         raise ValueError(f"not a label_values() query: {definition!r}")
     return m.group("selector"), m.group("label")
+
+
+def grafana_regex(values: list[str]) -> str:
+    """A multi-value selection as Grafana's Prometheus data source writes it into ``=~"$var"``:
+    regex metacharacters escaped (and the backslash escaped again for the PromQL string), one
+    value as is, several as ``(a|b)``, none as the "All" value ``.*``."""
+    if not values:
+        return ".*"
+    escaped = [re.sub(r"([\\^$*+?.()|{}\[\]])", r"\\\\\1", v) for v in values]
+    return escaped[0] if len(escaped) == 1 else "(" + "|".join(escaped) + ")"
