@@ -159,3 +159,15 @@ def test_help_renders(command: str, capsys) -> None:
 
     assert run([command, "--help"]) == 0
     assert "Usage" in capsys.readouterr().out
+
+
+def test_the_cli_and_the_sidecar_side_import_no_torch() -> None:
+    """`schedscope sidecar/record/replay` start fast: only the engine commands pay for torch."""
+    code = (
+        "import sys\n"
+        "from schedscope.main import _register\n"
+        "_register()\n"
+        "import schedscope.sidecar_app, schedscope.telemetry.recording, schedscope.demo_report\n"
+        "sys.exit(1 if 'torch' in sys.modules else 0)\n"
+    )
+    assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
