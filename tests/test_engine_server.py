@@ -359,3 +359,32 @@ def test_cli_refuses_non_loopback_without_token(capsys, monkeypatch):
     code = run(["engine", "serve", "--host", "0.0.0.0", "--port", str(_free_port())])
     assert code == 2
     assert "admin token" in capsys.readouterr().err
+
+
+def test_error_after_the_stream_began_is_an_error_frame_then_done():
+    import asyncio
+
+    from schedscope.engine.runner import TokenUpdate
+    from schedscope.engine.server import _stream
+    from schedscope.engine.tokenizer import ByteTokenizer
+
+    class FakeRunner:
+        tokenizer = ByteTokenizer()
+
+        def abort(self, rid: str) -> None:
+            pass
+
+    async def main() -> bytes:
+        q: asyncio.Queue = asyncio.Queue()
+        q.put_nowait(TokenUpdate("r1", [65], 1))
+        q.put_nowait(
+            TokenUpdate("r1", [65], 1, finished=True, error="engine stopped: boom", error_code=503)
+        )
+        return b"".join([f async for f in _stream(None, FakeRunner(), "r1", q, 0.0, 5.0)])
+
+    frames = _frames(asyncio.run(main()))
+    assert frames[0]["text"] == "A" and frames[0]["meta_info"]["finish_reason"] is None
+    assert frames[1] == {
+        "error": {"message": "engine stopped: boom", "type": "engine_error", "code": 503}
+    }
+    assert frames[2] == "[DONE]"
