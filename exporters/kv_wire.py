@@ -16,6 +16,7 @@ last 8 bytes (big-endian) — the same value vLLM's int mode would have sent for
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
@@ -111,8 +112,16 @@ def hash_in(value: Any) -> int:
     if isinstance(value, (bytes, bytearray, memoryview)):
         b = bytes(value)[-8:]
         return int.from_bytes(b.rjust(8, b"\0"), "big", signed=True)
-    v = int(value) & _MASK
+    v = _wire_int(value) & _MASK
     return v - _U64 if v >= (1 << 63) else v
+
+
+def _wire_int(value: Any) -> int:
+    """An integer field off the wire. Floats (incl. inf/NaN) and bools are malformed input:
+    int() would silently truncate them or raise OverflowError, which callers don't expect."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"expected an integer, got {value!r}")
+    return value
 
 
 # ---------------------------------------------------------------------------------------------
@@ -202,8 +211,8 @@ def event_from_wire(raw: Any) -> KvBlockEventT:
         return BlockStored(
             block_hashes=[hash_in(h) for h in raw["block_hashes"]],
             parent_block_hash=None if parent is None else hash_in(parent),
-            token_ids=[int(t) for t in raw.get("token_ids") or ()],
-            block_size=int(raw.get("block_size") or 0),
+            token_ids=[_wire_int(t) for t in raw.get("token_ids") or ()],
+            block_size=_wire_int(raw.get("block_size") or 0),
             medium=str(medium) if medium is not None else None,
             lora_id=raw.get("lora_id"),
         )
@@ -224,4 +233,8 @@ def decode_payload(payload: bytes) -> tuple[float, list[Any], int | None]:
     if not isinstance(obj, (list, tuple)) or len(obj) < 2 or not isinstance(obj[1], (list, tuple)):
         raise ValueError("KV payload is not [ts, events, dp_rank]")
     dp = obj[2] if len(obj) > 2 else None
-    return float(obj[0]), list(obj[1]), (int(dp) if isinstance(dp, int) else None)
+    ts = float(obj[0])
+    # A non-finite or absurd ts would poison every timestamp derived from it downstream.
+    if not math.isfinite(ts) or not 0.0 <= ts < 1e11:
+        raise ValueError(f"KV payload ts {obj[0]!r} is not a wall-clock time in seconds")
+    return ts, list(obj[1]), (int(dp) if isinstance(dp, int) else None)

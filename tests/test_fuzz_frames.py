@@ -246,13 +246,6 @@ def test_kv_event_decoding_raises_only_known_errors(raw: object) -> None:
         event_from_wire(raw)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=OverflowError,
-    reason="BUG exporters/kv_wire.py hash_in/event_from_wire: int(inf) raises OverflowError, "
-    "which KvIngest._deliver does not catch (only KeyError/ValueError/TypeError): one wire "
-    "event with an infinite float hash, token id or block_size kills the ingest thread",
-)
 @pytest.mark.parametrize("field", ["block_hashes", "token_ids"])
 def test_kv_event_with_an_infinite_number_is_a_known_error(field: str) -> None:
     raw = {"type": "BlockStored", "block_hashes": [1], "parent_block_hash": None,
@@ -305,11 +298,6 @@ def test_kv_ingest_survives_malformed_payloads_and_takes_the_next_good_batch() -
     assert alive and len(after) == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG exporters/kv_ingest.py _deliver: int(ts * 1e9) outside the try block raises "
-    "on ts = NaN/inf (valid msgpack float64): the ingest thread dies and KV events stop",
-)
 def test_kv_ingest_survives_a_non_finite_timestamp() -> None:
     bad = [msgspec.msgpack.encode([float("nan"), [], 0])]
     after, alive = _kv_ingest_survives(bad)
