@@ -134,13 +134,22 @@ or max {BY} ({M.memory_leaked_slots}) > 0""",
             kv_relay_alert(),
             Alert(
                 "SchedscopeEngineHeartbeatMissing",
-                f"sum {BY} (increase({M.events}[1m])) == 0",
+                # The second clause keeps engines that said goodbye out: the sidecar zeroes
+                # every gauge of an engine that shut down or restarted under a new id, while a
+                # live engine is always idle, paused, or has requests.
+                f"""sum {BY} (increase({M.events}[1m])) == 0
+and {ON} (
+  max {BY} ({M.idle}) > 0
+  or max {BY} ({M.paused}) > 0
+  or sum {BY} ({M.num_running_reqs}) + sum {BY} ({M.num_queue_reqs}) > 0
+)""",
                 for_="1m",
                 severity="critical",
                 summary="No heartbeat from engine {{ $labels.engine_id }}",
                 description=(
                     "The sidecar has received no event from {{ $labels.engine_id }} for a "
-                    "minute; engines send a heartbeat every second, even when idle or paused."
+                    "minute; engines send a heartbeat every second, even when idle or paused. "
+                    "Engines that shut down cleanly are not reported."
                 ),
                 runbook="""1. Is the engine process alive? A crash without a Shutdown event looks like this.
 2. Is the raw-event endpoint reachable (same host for ipc://, firewall for tcp://)?

@@ -360,6 +360,32 @@ def _unit_tests() -> list[dict[str, Any]]:
             [_expect("SchedscopeEngineHeartbeatMissing", ENGINE, 0)],
         ),
         case(
+            "engine shut down cleanly (gauges zeroed) and silent: no alert",
+            _healthy_engine(
+                **{
+                    M.events: "0+100x8 900x31",
+                    M.num_running_reqs: "2x8 0x31",
+                    M.idle: "0x40",
+                }
+            ),
+            "SchedscopeEngineHeartbeatMissing",
+            "6m",
+            [],
+        ),
+        case(
+            "idle engine gone silent (crash without Shutdown): alert",
+            _healthy_engine(
+                **{
+                    M.events: "0+100x8 900x31",
+                    M.num_running_reqs: "0x40",
+                    M.idle: "1x40",
+                }
+            ),
+            "SchedscopeEngineHeartbeatMissing",
+            "6m",
+            [_expect("SchedscopeEngineHeartbeatMissing", ENGINE, 0)],
+        ),
+        case(
             "engine heartbeats: no alert",
             _healthy_engine(),
             "SchedscopeEngineHeartbeatMissing",
