@@ -74,12 +74,20 @@ def otlp_metric_names(metrics_path: Path) -> set[str]:
 def build_summary(out_dir: Path, workload: dict[str, Any]) -> dict[str, Any]:
     """The demo's summary, from the files in ``out_dir`` plus the workload's own timings."""
     state = json.loads((out_dir / STATE_FILE).read_text(encoding="utf-8"))
-    spans = span_names(out_dir / TRACES_FILE)
-    slices = perfetto_slices(out_dir / PERFETTO_FILE)
-    prom = prom_totals(out_dir / SNAPSHOT_FILE)
+    # A file turned off (--no-otlp-json, --no-perfetto, --no-snapshot) leaves its numbers None.
+    traces, timeline, snapshot = (out_dir / f for f in (TRACES_FILE, PERFETTO_FILE, SNAPSHOT_FILE))
+    spans = span_names(traces) if traces.exists() else None
+    slices = perfetto_slices(timeline) if timeline.exists() else None
+    prom = prom_totals(snapshot) if snapshot.exists() else None
 
-    def p(name: str) -> int:
-        return int(prom.get(name, 0))
+    def p(name: str) -> int | None:
+        return None if prom is None else int(prom.get(name, 0))
+
+    def sp(match) -> int | None:
+        return None if spans is None else sum(n for name, n in spans.items() if match(name))
+
+    def add(*values: int | None) -> int | None:
+        return None if any(v is None for v in values) else sum(values)  # type: ignore[arg-type]
 
     gen_tokens = p("sglang:generation_tokens_total")
     seconds = float(workload.get("workload_seconds") or 0.0)
@@ -92,18 +100,20 @@ def build_summary(out_dir: Path, workload: dict[str, Any]) -> dict[str, Any]:
         "requests_aborted": p("sglang:num_aborted_requests_total"),
         "prompt_tokens": p("sglang:prompt_tokens_total"),
         "generation_tokens": gen_tokens,
-        "tokens_per_s": round(gen_tokens / seconds, 1) if seconds > 0 else None,
-        "batches": sum(n for name, n in spans.items() if name.startswith("batch ")),
+        "tokens_per_s": round(gen_tokens / seconds, 1) if gen_tokens and seconds > 0 else None,
+        "batches": sp(lambda name: name.startswith("batch ")),
         "forward_iterations": p("schedscope:forward_iterations_total"),
-        "request_spans": sum(n for name, n in spans.items() if name.startswith("text_completion")),
-        "pause_spans": spans.get("pause", 0),
-        "idle_spans": spans.get("idle", 0),
-        "perfetto_pause_slices": slices.get("pause", 0),
-        "perfetto_idle_slices": slices.get("idle", 0),
-        "cache_flush_spans": sum(n for name, n in spans.items() if "flush" in name),
-        "kv_events": p("schedscope:kv_blocks_stored_total")
-        + p("schedscope:kv_blocks_removed_total")
-        + p("schedscope:kv_cache_cleared_total"),
+        "request_spans": sp(lambda name: name.startswith("text_completion")),
+        "pause_spans": sp(lambda name: name == "pause"),
+        "idle_spans": sp(lambda name: name == "idle"),
+        "perfetto_pause_slices": None if slices is None else slices.get("pause", 0),
+        "perfetto_idle_slices": None if slices is None else slices.get("idle", 0),
+        "cache_flush_spans": sp(lambda name: name == "cache_flush"),
+        "kv_events": add(
+            p("schedscope:kv_blocks_stored_total"),
+            p("schedscope:kv_blocks_removed_total"),
+            p("schedscope:kv_cache_cleared_total"),
+        ),
         "kv_batches": p("schedscope:kv_batches_total"),
         "raw_events": state["events"],
         "lost_messages": state["lost_messages"],
