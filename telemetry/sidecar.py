@@ -91,7 +91,8 @@ class Sidecar:
         tick_interval_s: float = 0.1,
     ) -> None:
         self.ingest = ingest
-        self.registry = registry or EngineRegistry()
+        # NOTE: not `registry or ...`: an empty EngineRegistry is falsy (it has __len__).
+        self.registry = registry if registry is not None else EngineRegistry()
         self.stats = SidecarStats()
         self._handle: Callable[[Received, Observation], None] | None = None
         self._tick: Callable[[int], None] | None = None
