@@ -329,7 +329,7 @@ def test_engine_facade_threaded_pause_and_quiet_idle_loop():
     em = RecordingEmitter()
     engine = Engine(EngineConfig(max_total_tokens=512), emitter=em).start()
     try:
-        long = SamplingParams(max_new_tokens=300, ignore_eos=True)
+        long = SamplingParams(max_new_tokens=150, ignore_eos=True)
         rid = engine.submit("a long one", long)
         deadline = time.monotonic() + 20
         while not engine.get_internal_state()["running_batch_size"]:
