@@ -354,15 +354,14 @@ def create_app(runner: EngineRunner, settings: ServerSettings | None = None) -> 
     async def flush_cache(request: Request) -> JSONResponse:
         timeout_s = _float_query(request, "timeout", 0.0)
         deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                await runner.call(lambda eng: eng.flush_cache())
-                return _json({"success": True, "message": "Cache flushed."})
-            except ControlError:
-                # SGLang's timeout: keep trying until the engine is idle or time runs out.
-                if time.monotonic() >= deadline:
-                    raise
+        # SGLang's timeout: wait for the engine to go fully idle, then flush once (so a wait
+        # is not a stream of refusals in the telemetry).
+        while time.monotonic() < deadline:
+            if await runner.call(lambda eng: eng.busy_reason()) is None:
+                break
             await asyncio.sleep(0.02)
+        await runner.call(lambda eng: eng.flush_cache())
+        return _json({"success": True, "message": "Cache flushed."})
 
     @app.post("/release_memory_occupation", dependencies=guard)
     async def release_memory_occupation() -> JSONResponse:

@@ -262,10 +262,11 @@ def test_flush_cache_refused_while_running_accepted_when_idle(http, server):
     r = http.post("/flush_cache")
     assert 400 <= r.status_code < 500 and "not fully idle" in r.json()["error"]
     assert "running" in r.json()["error"]
-    t.join(60)
-    _wait_until(lambda: server.runner.call_sync(lambda e: e.is_fully_idle()))
-    r = http.post("/flush_cache")
+    # With a timeout it waits for the engine to go idle, then flushes.
+    r = http.post("/flush_cache?timeout=30")
     assert r.status_code == 200 and r.json()["success"]
+    t.join(30)
+    assert frames[-2]["meta_info"]["finish_reason"]["type"] == "length"
     assert server.runner.call_sync(lambda e: e.scheduler.tree.total_size) == 0
 
 
