@@ -355,3 +355,16 @@ def test_engine_facade_threaded_pause_and_quiet_idle_loop():
         assert em.of(CacheFlush)[-1].ok and em.of(IdleBegin)
     finally:
         engine.close()
+
+
+def test_release_memory_needs_fully_idle():
+    eng, _ = make_engine()
+    client = Client()
+    client.submit(eng, "a", b"hello memory", 6)
+    step(eng, 2)
+    with pytest.raises(NotIdleError, match="release memory"):
+        eng.release_memory()
+    eng.run_until_idle()
+    assert eng.scheduler.tree.total_size > 0
+    eng.release_memory()
+    assert eng.scheduler.tree.total_size == 0 and eng.pool_snapshot().free_slots == 512
