@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -90,7 +91,7 @@ class ControlledEngine:
         self.scheduler = scheduler
         self.cfg: EngineConfig = scheduler.cfg
         self.emitter: AnyEmitter = scheduler.emitter
-        self.inbox = inbox or Inbox()
+        self.inbox = inbox if inbox is not None else Inbox()  # (an empty Inbox is falsy)
         self.tokenizer = scheduler.tokenizer
         self.model_name = scheduler.model_cfg.name
         self.context_length = self.cfg.context_length
@@ -111,6 +112,7 @@ class ControlledEngine:
         self._sinks: dict[str, Sink] = {}
         self._abort_msgs: dict[str, str] = {}
         self._arrivals = 0
+        self.iterations = 0  # loop turns of serve(): an idle engine makes ~1 per second
         self.weight_version = 0
 
     @classmethod
@@ -247,6 +249,24 @@ class ControlledEngine:
         if self.offloader is not None and self.offloader.in_flight and self.device.type == "cuda":
             return CUDA_OFFLOAD_POLL_S
         return HEARTBEAT_POLL_S
+
+    def serve(self, stop: threading.Event, handle: Callable[[Any], None]) -> None:
+        """The scheduler thread's loop: take the inbox, run a step, else sleep on the inbox.
+
+        ``handle`` executes one inbox item (a request, an abort, a command). Returns when
+        ``stop`` is set; exceptions propagate to the thread's owner, which reports them.
+        """
+        while not stop.is_set():
+            self.iterations += 1
+            for item in self.inbox.drain():
+                handle(item)
+            if stop.is_set():
+                break
+            if not self.run_once():
+                # NOTE: nothing ran (idle, paused, or blocked): sleep on the inbox socket
+                # instead of spinning (seed 003's IdleSleeper). Any submit, abort or command
+                # wakes it at once; the timeout only paces heartbeats (and CUDA offload polls).
+                self.inbox.wait(self.sleep_timeout_s())
 
     def run_until_idle(self, max_steps: int = 10_000) -> None:
         """In-process helper (tests, scripts): step until fully idle or paused."""

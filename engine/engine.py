@@ -93,7 +93,6 @@ class Engine:
         self._closed = False
         self._calls: set[Future] = set()  # failed, not left hanging, if the loop dies
         self.failure: str | None = None  # why the scheduler thread died, if it did
-        self.iterations = 0  # loop turns of the thread: an idle engine makes ~1 per second
 
     # -- requests (any thread) --------------------------------------------------------------
 
@@ -292,21 +291,17 @@ class Engine:
             self._thread = None
 
     @property
+    def iterations(self) -> int:
+        """Loop turns of the scheduler thread (an idle engine makes about one per second)."""
+        return self.control.iterations
+
+    @property
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and not self._stop.is_set()
 
     def _loop(self) -> None:
         try:
-            while not self._stop.is_set():
-                self.iterations += 1
-                self._drain_inbox()
-                if self._stop.is_set():
-                    break
-                if not self.control.run_once():
-                    # NOTE: nothing ran (idle, paused, or blocked): sleep on the inbox socket
-                    # instead of spinning (seed 003's IdleSleeper); any submit, abort or
-                    # command wakes it at once, the timeout only paces heartbeats.
-                    self.inbox.wait(self.control.sleep_timeout_s())
+            self.control.serve(self._stop, lambda command: command(self.scheduler))
         except Exception as exc:  # report why the thread died instead of vanishing
             self.failure = f"{type(exc).__name__}: {exc}"
             log.exception("scheduler thread crashed")

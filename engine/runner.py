@@ -82,7 +82,6 @@ class EngineRunner:
         self.context_length = engine.context_length
         self.started_wall = time.time()
         self.failure: str | None = None
-        self.iterations = 0  # loop turns: an idle engine should make ~1 per second, not spin
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._main, name=name, daemon=True)
 
@@ -91,6 +90,11 @@ class EngineRunner:
     def start(self) -> EngineRunner:
         self._thread.start()
         return self
+
+    @property
+    def iterations(self) -> int:
+        """Loop turns of the scheduler thread (an idle engine makes about one per second)."""
+        return self.engine.iterations
 
     @property
     def alive(self) -> bool:
@@ -146,16 +150,7 @@ class EngineRunner:
     def _main(self) -> None:
         eng = self.engine
         try:
-            while not self._stop.is_set():
-                self.iterations += 1
-                for item in self.inbox.drain():
-                    self._handle(item)
-                if self._stop.is_set():
-                    break
-                if not eng.run_once():
-                    # NOTE: nothing to run (idle, or paused): block on the inbox socket instead
-                    # of spinning; the timeout only paces heartbeats and offload polling.
-                    self.inbox.wait(eng.sleep_timeout_s())
+            eng.serve(self._stop, self._handle)
         except Exception as exc:  # the thread must report why it died, not vanish
             self.failure = f"{type(exc).__name__}: {exc}"
             log.exception("scheduler thread crashed")
