@@ -368,3 +368,41 @@ def test_release_memory_needs_fully_idle():
     assert eng.scheduler.tree.total_size > 0
     eng.release_memory()
     assert eng.scheduler.tree.total_size == 0 and eng.pool_snapshot().free_slots == 512
+
+
+def test_pause_reaches_a_real_socket_at_once(ipc_endpoint):
+    """Seed 000 over the wire: with a flush interval far longer than the test, the Paused
+    event and the pending KV events still arrive — pause itself flushes the emitter."""
+    import zmq
+
+    from schedscope.engine.emitter import Emitter
+    from schedscope.engine.engine import engine_info
+    from schedscope.telemetry.schema import decode_envelope
+
+    ctx = zmq.Context()
+    pull = ctx.socket(zmq.PULL)
+    pull.bind(ipc_endpoint)
+    cfg = EngineConfig(max_total_tokens=512)
+    emitter = Emitter(engine_info(cfg), ipc_endpoint, flush_interval_s=3600, context=ctx)
+    eng = ControlledEngine.create(cfg, emitter=emitter)
+    try:
+
+        def received() -> list:
+            events = []
+            while pull.poll(2000 if not events else 50):
+                events += decode_envelope(pull.recv()).events
+            return events
+
+        client = Client()
+        client.submit(eng, "a", b"over the wire", 40)
+        step(eng, 6)
+        eng.pause_generation("in_place")
+        got = received()
+        names = [type(e).__name__ for e in got]
+        assert "Paused" in names and "KvEvents" in names and "BatchDone" in names
+        eng.continue_generation()
+        assert [type(e).__name__ for e in received()] == ["Resumed"]
+    finally:
+        emitter.close()
+        pull.close(0)
+        ctx.term()
