@@ -29,14 +29,14 @@ from schedscope.engine.control_errors import (
     ControlError,
     NotIdleError,
     NotPausedError,
-    StateKeyError,
 )
 from schedscope.engine.emitter import AnyEmitter, Emitter, NullEmitter
 from schedscope.engine.idle import IdleTracker, PoolSnapshot, check_memory
 from schedscope.engine.inbox import Inbox
-from schedscope.engine.offload import EvictedPage, KvOffloader
+from schedscope.engine.internal_state import SAFE_KNOBS, parse_knobs
+from schedscope.engine.offload import KvOffloader, evicted_pages
 from schedscope.engine.profiler import EngineProfiler, ProfileResult
-from schedscope.engine.radix_cache import Node, page_hash
+from schedscope.engine.radix_cache import Node
 from schedscope.engine.request import FINISH_ABORT, FINISH_LENGTH, Req, ReqStatus, RequestOutput
 from schedscope.engine.runner import GenerateInput, Sink, TokenUpdate
 from schedscope.engine.sampling import SamplingParams
@@ -48,7 +48,6 @@ from schedscope.telemetry.schema import (
     PAUSE_MODES,
     PAUSE_RETRACT,
     CacheFlush,
-    EngineInfo,
     IdleEnd,
     KvBlockEventT,
     KvEvents,
@@ -65,17 +64,6 @@ _now_ns: Callable[[], int] = time.monotonic_ns
 
 HEARTBEAT_POLL_S = 1.0  # idle wake-up: heartbeats only (work wakes the loop at once)
 CUDA_OFFLOAD_POLL_S = 0.002  # a CUDA event cannot wake the loop: poll it while in flight
-
-# set_internal_state: knobs that are safe to change between steps, with their checks.
-_SAFE_KNOBS: dict[str, tuple[type, Callable[[Any], bool], str]] = {
-    "max_running_requests": (int, lambda v: v >= 1, "an integer >= 1"),
-    "max_prefill_tokens": (int, lambda v: v >= 1, "an integer >= 1"),
-    "chunked_prefill_size": (int, lambda v: v >= 1, "an integer >= 1 (or null: no chunking)"),
-    "decode_log_interval": (int, lambda v: v >= 1, "an integer >= 1"),
-    "kv_load_interval_s": (float, lambda v: v > 0, "a number > 0"),
-    "min_new_token_ratio": (float, lambda v: 0 <= v <= 1, "a number in [0, 1]"),
-    "new_token_ratio_decay": (float, lambda v: 0 <= v <= 1, "a number in [0, 1]"),
-}
 
 
 class ControlledEngine:
@@ -128,16 +116,9 @@ class ControlledEngine:
         model_cfg = get_model_config(cfg.model, cfg.model_path)
         if emitter is None:
             if telemetry:
-                info = EngineInfo(
-                    model=model_cfg.name,
-                    tp_rank=cfg.tp_rank,
-                    pp_rank=cfg.pp_rank,
-                    dp_rank=cfg.dp_rank,
-                    page_size=cfg.page_size,
-                    max_total_tokens=cfg.max_total_tokens,
-                    max_running_requests=cfg.max_running_requests,
-                    config=cfg.summary(),
-                )
+                from schedscope.engine.engine import engine_info  # engine.py imports this module
+
+                info = engine_info(cfg, model_cfg)
                 emitter = Emitter(info, endpoint or cfg.telemetry_endpoint, engine_id=cfg.engine_id)
             else:
                 emitter = NullEmitter()
@@ -514,7 +495,7 @@ class ControlledEngine:
     def get_internal_state(self) -> dict[str, Any]:
         sched = self.scheduler
         snap = self.pool_snapshot()
-        state: dict[str, Any] = {knob: getattr(self.cfg, knob) for knob in _SAFE_KNOBS}
+        state: dict[str, Any] = {knob: getattr(self.cfg, knob) for knob in SAFE_KNOBS}
         state.update(
             forward_ct=sched.forward_ct,
             running_batch_size=len(sched.running),
@@ -542,31 +523,8 @@ class ControlledEngine:
 
     def set_internal_state(self, changes: Mapping[str, Any]) -> dict[str, Any]:
         """Change safe knobs; every key is checked before any is applied."""
-        parsed: dict[str, Any] = {}
-        for key, value in changes.items():
-            spec = _SAFE_KNOBS.get(key)
-            if spec is None:
-                raise StateKeyError(
-                    f"{key!r} cannot be set at run time; settable: {', '.join(sorted(_SAFE_KNOBS))}"
-                )
-            typ, ok, allowed = spec
-            if key == "chunked_prefill_size" and value is None:
-                parsed[key] = None
-                continue
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise StateKeyError(f"{key} must be {allowed}, got {value!r}")
-            if typ is int and not float(value).is_integer():
-                raise StateKeyError(f"{key} must be {allowed}, got {value!r}")
-            value = typ(value)
-            if not ok(value):
-                raise StateKeyError(f"{key} must be {allowed}, got {value!r}")
-            parsed[key] = value
         rows = self.scheduler.req_pool.num_rows - 1  # one row is the chunked prefill's
-        if parsed.get("max_running_requests", 0) > rows:
-            raise StateKeyError(
-                f"max_running_requests must be <= {rows} (request table rows allocated at start)"
-            )
-        for key, value in parsed.items():
+        for key, value in parse_knobs(changes, max_running_rows=rows).items():
             setattr(self.cfg, key, value)
         return self.get_internal_state()
 
@@ -654,37 +612,3 @@ def _error_update(inp: GenerateInput, message: str) -> TokenUpdate:
         finish_reason={"type": "abort", "message": message},
         error=message,
     )
-
-
-def evicted_pages(node: Node, page_size: int) -> list[EvictedPage]:
-    """The pages of an evicted radix node, with hashes chained like the cache's events."""
-    hashes = list(node.hashes)
-    if len(hashes) * page_size == len(node.key):
-        parent = node.parent
-        prev = parent.hashes[-1] if parent is not None and parent.hashes else None
-    else:  # events off: the cache kept no hashes; chain them here (eviction only: rare)
-        prev = _path_hash(node.parent, page_size)
-        hashes, h = [], prev
-        for j in range(0, len(node.key), page_size):
-            h = page_hash(h, node.key[j : j + page_size])
-            hashes.append(h)
-    pages = []
-    for j, h in enumerate(hashes):
-        lo, hi = j * page_size, (j + 1) * page_size
-        slots = torch.tensor(node.value[lo:hi], dtype=torch.int64)
-        pages.append(EvictedPage(h, prev, list(node.key[lo:hi]), slots))
-        prev = h
-    return pages
-
-
-def _path_hash(node: Node | None, page_size: int) -> int | None:
-    """Hash of the last page on the path root → node."""
-    keys: list[list[int]] = []
-    while node is not None and node.parent is not None:
-        keys.append(node.key)
-        node = node.parent
-    prev: int | None = None
-    for key in reversed(keys):
-        for j in range(0, len(key), page_size):
-            prev = page_hash(prev, key[j : j + page_size])
-    return prev

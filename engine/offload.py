@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from schedscope.engine.radix_cache import Node, page_hash
 from schedscope.telemetry.schema import MEDIUM_CPU, BlockRemoved, BlockStored, KvBlockEvent
 
 
@@ -179,3 +180,37 @@ class KvOffloader:
         self._gate.set()
         if self._pool is not None:
             self._pool.shutdown(wait=True)
+
+
+def evicted_pages(node: Node, page_size: int) -> list[EvictedPage]:
+    """The pages of an evicted radix node, with hashes chained like the cache's events."""
+    hashes = list(node.hashes)
+    if len(hashes) * page_size == len(node.key):
+        parent = node.parent
+        prev = parent.hashes[-1] if parent is not None and parent.hashes else None
+    else:  # events off: the cache kept no hashes; chain them here (eviction only: rare)
+        prev = _path_hash(node.parent, page_size)
+        hashes, h = [], prev
+        for j in range(0, len(node.key), page_size):
+            h = page_hash(h, node.key[j : j + page_size])
+            hashes.append(h)
+    pages = []
+    for j, h in enumerate(hashes):
+        lo, hi = j * page_size, (j + 1) * page_size
+        slots = torch.tensor(node.value[lo:hi], dtype=torch.int64)
+        pages.append(EvictedPage(h, prev, list(node.key[lo:hi]), slots))
+        prev = h
+    return pages
+
+
+def _path_hash(node: Node | None, page_size: int) -> int | None:
+    """Hash of the last page on the path root → node."""
+    keys: list[list[int]] = []
+    while node is not None and node.parent is not None:
+        keys.append(node.key)
+        node = node.parent
+    prev: int | None = None
+    for key in reversed(keys):
+        for j in range(0, len(key), page_size):
+            prev = page_hash(prev, key[j : j + page_size])
+    return prev
