@@ -156,9 +156,15 @@ class EngineRunner:
             log.exception("scheduler thread crashed")
         finally:
             self._stop.set()
-            for item in self.inbox.drain():
+            why = f"engine stopped: {self.failure}" if self.failure else "engine stopped"
+            for item in self.inbox.drain():  # nobody is left to serve these: say so
                 if isinstance(item, _Call):
-                    item.future.set_exception(ControlError("engine stopped"))
+                    item.future.set_exception(ControlError(why))
+                elif isinstance(item, _Submit):
+                    item.sink(
+                        TokenUpdate(item.inp.rid, [], len(item.inp.input_ids), finished=True,
+                                    error=why, error_code=503)
+                    )  # fmt: skip
             eng.shutdown(self.failure)
 
     def _handle(self, item: object) -> None:
