@@ -106,8 +106,9 @@ def reference_tokens(prompts: dict[str, bytes], n: int = 12) -> dict[str, list[i
 PROMPTS = {"a": b"the quick brown fox", "b": b"jumps over the lazy dog"}
 
 
-def test_pause_abort_ends_every_request_and_does_the_idle_hook_itself():
-    eng, em = make_engine()
+@pytest.mark.parametrize("overlap", [False, True], ids=["normal", "overlap"])
+def test_pause_abort_ends_every_request_and_does_the_idle_hook_itself(overlap):
+    eng, em = make_engine(enable_overlap=overlap)
     client = Client()
     for rid, p in PROMPTS.items():
         client.submit(eng, rid, p)
@@ -118,8 +119,10 @@ def test_pause_abort_ends_every_request_and_does_the_idle_hook_itself():
     n_events = len(em.events)
     eng.pause_generation("abort")
     new = em.events[n_events:]
-    assert isinstance(new[0], Paused) and new[0].mode == "abort"
-    assert sorted(e.rid for e in new if isinstance(e, ReqAborted)) == ["a", "b"]
+    # (overlap: the batch in flight is finished first, its BatchDone comes before Paused)
+    at = next(i for i, e in enumerate(new) if isinstance(e, Paused))
+    assert new[at].mode == "abort"
+    assert sorted(e.rid for e in new[at:] if isinstance(e, ReqAborted)) == ["a", "b"]
     assert any(isinstance(e, KvEvents) for e in new)  # pending KV events went out
     assert em.flushes > flushes  # ... and the emitter itself was flushed
     assert eng.scheduler.last_gen_throughput == 0.0
@@ -137,9 +140,10 @@ def test_pause_abort_ends_every_request_and_does_the_idle_hook_itself():
     assert client.final("c").finish_reason == {"type": "length", "length": 12}
 
 
-def test_pause_retract_frees_kv_and_requests_finish_after_resume():
+@pytest.mark.parametrize("overlap", [False, True], ids=["normal", "overlap"])
+def test_pause_retract_frees_kv_and_requests_finish_after_resume(overlap):
     want = reference_tokens(PROMPTS)
-    eng, em = make_engine()
+    eng, em = make_engine(enable_overlap=overlap)
     client = Client()
     for rid, p in PROMPTS.items():
         client.submit(eng, rid, p)
@@ -406,3 +410,39 @@ def test_pause_reaches_a_real_socket_at_once(ipc_endpoint):
         emitter.close()
         pull.close(0)
         ctx.term()
+
+
+def test_pause_retract_mid_chunked_prefill_and_abort_while_paused():
+    long_prompt = bytes(range(32, 127)) * 3  # 285 tokens, prefilled in chunks of 64
+    want = reference_tokens({"long": long_prompt, "short": b"short one"}, n=6)
+    eng, em = make_engine(chunked_prefill_size=64, max_prefill_tokens=64)
+    client = Client()
+    client.submit(eng, "long", long_prompt, 6)
+    client.submit(eng, "short", b"short one", 6)
+    client.submit(eng, "gone", b"to be aborted", 6)
+    eng.run_once()
+    assert eng.scheduler.chunked_req is not None  # half prefilled
+    eng.pause_generation("retract")
+    assert eng.scheduler.chunked_req is None
+    assert "long" in {e.rid for e in em.of(ReqRetracted)}
+    assert eng.pool_snapshot().in_use_slots == 0
+    eng.abort_request("gone")  # a client that leaves while the engine is paused
+    assert client.final("gone").finish_reason["type"] == "abort"
+    eng.continue_generation()
+    eng.run_until_idle()
+    for rid in ("long", "short"):
+        assert client.final(rid).output_ids == want[rid]
+    assert eng.check_memory().ok
+
+
+def test_pause_while_idle_closes_the_idle_span_and_opens_none_while_paused():
+    eng, em = make_engine()
+    eng.run_once()
+    assert isinstance(em.events[-1], IdleBegin)
+    eng.pause_generation("in_place")
+    assert [type(e).__name__ for e in em.events[-2:]] == ["IdleEnd", "Paused"]
+    step(eng, 3)
+    assert not isinstance(em.events[-1], IdleBegin)
+    eng.continue_generation()
+    eng.run_once()
+    assert isinstance(em.events[-1], IdleBegin)
