@@ -389,3 +389,20 @@ def test_error_after_the_stream_began_is_an_error_frame_then_done():
         "error": {"message": "engine stopped: boom", "type": "engine_error", "code": 503}
     }
     assert frames[2] == "[DONE]"
+
+
+def test_client_disconnect_mid_stream_aborts_the_request(server):
+    body = {
+        "text": "bye",
+        "sampling_params": {"max_new_tokens": 500, "ignore_eos": True},
+        "stream": True,
+    }
+    with (
+        httpx.Client(base_url=server.url, timeout=30) as c,
+        c.stream("POST", "/generate", json=body) as r,
+    ):
+        for _ in r.iter_bytes():
+            break  # first frame seen: hang up
+    _wait_until(lambda: server.runner.call_sync(lambda e: e.is_fully_idle()))
+    aborted = [e for e in server.emitter.events if type(e).__name__ == "ReqAborted"]
+    assert aborted and aborted[-1].output_tokens < 500
