@@ -166,6 +166,7 @@ class ControlledEngine:
             sampling=params,
             queued_ns=_now_ns(),
             traceparent=inp.traceparent,
+            tracestate=inp.tracestate,
             on_output=self._on_output,
         )
         self.admit(req)

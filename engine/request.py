@@ -72,6 +72,7 @@ class Req:
     status: ReqStatus = ReqStatus.WAITING
     finish_reason: str | None = None
     abort_requested: str | None = None  # reason; honoured when its next result is processed
+    tracestate: str | None = None  # W3C tracestate, travels with traceparent
 
     # KV state: tokens [0, prefix_len) are the radix cache's (locked through last_node),
     # [prefix_len, kv_len) are this request's own slots; both listed in its table row.

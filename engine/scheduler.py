@@ -103,6 +103,7 @@ class Scheduler:
                     len(req.prompt_ids),
                     req.sampling.max_new_tokens,
                     req.traceparent,
+                    req.tracestate,
                 )
             )
 

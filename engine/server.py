@@ -15,6 +15,7 @@ import asyncio
 import hmac
 import ipaddress
 import json
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -35,6 +36,7 @@ ENV_ADMIN_TOKEN = "SCHEDSCOPE_ADMIN_TOKEN"
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 30000
 
+_TRACEPARENT = re.compile(r"[0-9a-f]{2}-(?!0{32})[0-9a-f]{32}-(?!0{16})[0-9a-f]{16}-[0-9a-f]{2}")
 _SAMPLING_KEYS = {f.name for f in fields(SamplingParams)}
 _SAMPLING_TYPES: dict[str, tuple[type, ...]] = {
     "max_new_tokens": (int,),
@@ -249,8 +251,12 @@ def create_app(runner: EngineRunner, settings: ServerSettings | None = None) -> 
             runner.check_prompt(ids, params)  # raises ControlError (400) with the limit
         rid_in = body.get("rid")
         base_rid = rid_in if isinstance(rid_in, str) and rid_in else uuid.uuid4().hex
+        # W3C trace context: an invalid traceparent is ignored (the spec's rule), and
+        # tracestate only means something next to a valid one.
         traceparent = request.headers.get("traceparent")
-        tracestate = request.headers.get("tracestate")
+        if traceparent is not None and not _TRACEPARENT.fullmatch(traceparent.strip().lower()):
+            traceparent = None
+        tracestate = request.headers.get("tracestate") if traceparent else None
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
 

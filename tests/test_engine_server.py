@@ -147,7 +147,7 @@ def test_generate_streaming_frames(http, server):
         "stream": True,
     }
     tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
-    r = http.post("/generate", json=body, headers={"traceparent": tp})
+    r = http.post("/generate", json=body, headers={"traceparent": tp, "tracestate": "v=1"})
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
     frames = _frames(r.content)
     assert frames[-1] == "[DONE]"
@@ -162,6 +162,11 @@ def test_generate_streaming_frames(http, server):
     assert data[-1]["meta_info"]["finish_reason"] == {"type": "length", "length": 8}
     queued = [e for e in server.emitter.events if type(e).__name__ == "ReqQueued"]
     assert queued[-1].traceparent == tp and queued[-1].rid == data[0]["meta_info"]["id"]
+    assert queued[-1].tracestate == "v=1"
+    bad = {"text": "x", "sampling_params": {"max_new_tokens": 1}}
+    http.post("/generate", json=bad, headers={"traceparent": "garbage", "tracestate": "a=b"})
+    queued = [e for e in server.emitter.events if type(e).__name__ == "ReqQueued"]
+    assert queued[-1].traceparent is None and queued[-1].tracestate is None
 
 
 @pytest.mark.parametrize(
