@@ -71,7 +71,7 @@ class Scheduler:
         self.new_token_ratio = cfg.init_new_token_ratio
         # Called on the scheduler thread when a request ends (the Engine keeps results).
         self.on_finish: list[Callable[[GenerationResult, Req], object]] = []
-        # Seam for the control plane (issue 5): while set, step() runs no batch.
+        # Set by the control plane's pause_generation (engine/control.py): no batch runs.
         self.paused: str | None = None
         # gen_throughput as SGLang's decode log computes it: tokens over a window of
         # decode_log_interval decode batches; the last value is carried between windows.
@@ -125,7 +125,7 @@ class Scheduler:
 
     def step(self) -> bool:
         """One scheduler iteration; returns whether a batch was launched or processed."""
-        if self.paused is not None:  # issue 5 decides what pausing does; here: run nothing
+        if self.paused is not None:  # paused (control.py did the abort/retract): run nothing
             return False
         did = self._step_overlap() if self.cfg.enable_overlap else self._step_normal()
         self._end_step()
