@@ -70,7 +70,7 @@ class KvOffloader:
         self.notify = notify  # wakes the idle scheduler when a CPU copy lands
         self._cuda = self.device.type == "cuda"
         self._stream = torch.cuda.Stream(self.device) if self._cuda else None
-        self._pool = None if self._cuda else ThreadPoolExecutor(1, "schedscope-kv-offload")
+        self._pool: ThreadPoolExecutor | None = None  # CPU path: started on first use
         self._inflight: list[_Transfer] = []
         self.tier: OrderedDict[int, CpuPage] = OrderedDict()
         self._gate = threading.Event()  # cleared by hold(): lets tests keep a copy in flight
@@ -99,7 +99,8 @@ class KvOffloader:
                 kv.record_stream(self._stream)
                 t.device_copy = kv
             else:
-                assert self._pool is not None
+                if self._pool is None:
+                    self._pool = ThreadPoolExecutor(1, "schedscope-kv-offload")
                 t.future = self._pool.submit(self._copy_on_thread, kv)
             self._inflight.append(t)
 
