@@ -59,6 +59,8 @@ from schedscope.telemetry.schema import (
 from schedscope.telemetry.spans import end_span, engine_tracer
 
 _propagator = TraceContextTextMapPropagator()
+# Media counted as the device cache (None: an engine that does not say).
+_DEVICE_MEDIA = frozenset({None, "GPU", "cuda", "CUDA"})
 _NS = 1e-9
 
 QUEUED, PREFILL, DECODE = "queued", "prefill", "decode"
@@ -668,12 +670,14 @@ class EngineAssembler:
             t = type(e)
             if t is BlockStored or t is BlockRemoved:
                 k = len(e.block_hashes)  # type: ignore[union-attr]
+                # Occupancy is the device tier's; the CPU offload tier has its own events.
+                on_device = e.medium in _DEVICE_MEDIA  # type: ignore[union-attr]
                 if t is BlockStored:
                     stored += k
-                    cached += k
+                    cached += k if on_device else 0
                 else:
                     removed += k
-                    cached -= k
+                    cached -= k if on_device else 0
             elif t is AllBlocksCleared:
                 cached = 0
                 m.kv_cache_cleared.value += 1

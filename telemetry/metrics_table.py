@@ -154,15 +154,15 @@ METRICS: tuple[MetricDef, ...] = (
        "Requests moved back to the queue (KV exhausted or pause retract).", sglang=S),
     # --- KV cache ------------------------------------------------------------------------
     _d("kv_blocks_stored", "schedscope:kv_blocks_stored_total", "schedscope.kv_blocks_stored",
-       COUNTER, "{block}", "KV blocks stored (BlockStored hashes).", sglang="(none)"),
+       COUNTER, "{block}", "KV blocks stored (BlockStored hashes), all media.", sglang="(none)"),
     _d("kv_blocks_removed", "schedscope:kv_blocks_removed_total",
        "schedscope.kv_blocks_removed", COUNTER, "{block}",
-       "KV blocks removed (BlockRemoved hashes).", sglang="(none)"),
+       "KV blocks removed (BlockRemoved hashes), all media.", sglang="(none)"),
     _d("kv_cache_cleared", "schedscope:kv_cache_cleared_total", "schedscope.kv_cache_cleared",
        COUNTER, "{event}", "AllBlocksCleared events.", sglang="(none)"),
     _d("kv_cached_blocks", "schedscope:kv_cached_blocks", "schedscope.kv_cached_blocks", GAUGE,
-       "{block}", "Blocks the engine's cache holds per its KV events (stored - removed since "
-       "the last clear).", sglang="(none)"),
+       "{block}", "Blocks the engine's device (GPU) cache holds per its KV events (stored - "
+       "removed since the last clear); CPU-tier blocks are not counted.", sglang="(none)"),
     _d("kv_batches", "schedscope:kv_batches_total", "schedscope.kv_batches", COUNTER,
        "{batch}", "KV batches delivered to sinks, by flush trigger (count / window / idle / "
        "pause / shutdown).", labels=("trigger",), sglang="(none)"),

@@ -9,6 +9,7 @@ from schedscope.telemetry.assembler import AssemblerConfig
 from schedscope.telemetry.kv_batcher import KvBatchingConfig
 from schedscope.telemetry.pipeline import in_memory_pipeline
 from schedscope.telemetry.schema import (
+    MEDIUM_CPU,
     PAUSE_MODES,
     BatchDone,
     BatchLaunched,
@@ -169,3 +170,20 @@ def test_broken_sink_is_counted_and_others_still_get_batches():
     assert len(t.kv.batches) == 1
     base = ("test-model", "unified", "0", "0", "", "engine-a")
     assert t.pipeline.store.family("kv_sink_errors").series[(*base, "broken")].value == 1
+
+
+def test_cpu_tier_blocks_do_not_count_as_device_cache_occupancy():
+    t = in_memory_pipeline()
+    e = ScriptedEngine(t.pipeline.handle)
+    e.hello()
+    e.send(kv(e, 1, 1, 1, 2, 3))  # three GPU pages
+    # The engine offloads page 3 to the CPU tier, then evicts it from the GPU.
+    e.send(KvEvents(e.ts(2), 2, [BlockStored([3], 2, [3], 1, medium=MEDIUM_CPU)]))
+    e.send(KvEvents(e.ts(3), 2, [BlockRemoved([3])]))
+    e.send(KvEvents(e.ts(4), 3, [BlockRemoved([3], medium=MEDIUM_CPU)]))
+    store = t.pipeline.store
+    base = ("test-model", "unified", "0", "0", "", "engine-a")
+    assert store.family("kv_cached_blocks").series[base].value == 2
+    # Stored/removed counters cover every medium.
+    assert store.family("kv_blocks_stored").series[base].value == 4
+    assert store.family("kv_blocks_removed").series[base].value == 2
