@@ -53,7 +53,7 @@ def pause_to_zero(proc: SidecarProc, em: Emitter, trials: int) -> dict:
         t0 = time.perf_counter()
         em.emit(s.Paused(time.monotonic_ns(), s.PAUSE_IN_PLACE, "benchmark"))
         em.flush()  # the engine flushes pause at once (seed 000)
-        wait_for(lambda: gen_throughput() == 0, timeout=10, interval=0)
+        wait_for(lambda: gen_throughput() == 0, timeout=10, interval=0.002)
         samples.append((time.perf_counter() - t0) * 1e3)
         em.emit(s.Resumed(time.monotonic_ns()))
     return _summary(samples)
