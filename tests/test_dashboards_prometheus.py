@@ -331,6 +331,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
     workdir = tmp_path_factory.mktemp("prom-e2e")
     endpoint = f"ipc:///tmp/ss-dash-{uuid.uuid4().hex[:10]}.sock"
     with contextlib.ExitStack() as stack:
+        stack.callback(Path(endpoint.removeprefix("ipc://")).unlink, missing_ok=True)
         metrics_port, engine_port = free_port(), free_port()
         target = f"127.0.0.1:{metrics_port}"
         engine = stack.enter_context(
@@ -363,6 +364,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
         )
         start = time.time()
         stop, done = threading.Event(), []
+        stack.callback(stop.set)  # clients stop even when the run fails half way
         threads = clients(engine_url, stop, done)
         time.sleep(PHASE_S["busy"] / 2)
         inject_faults(endpoint)
@@ -390,8 +392,6 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
             (idle_start, end),
             len(done),
         )
-    endpoint_path = Path(endpoint.removeprefix("ipc://"))
-    endpoint_path.unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------------------------------------
