@@ -19,7 +19,7 @@ import threading
 import time
 from pathlib import Path
 
-from harness import SidecarProc, ipc_endpoint, metric_value, rss_mib, wait_for
+from harness import SidecarProc, ipc_endpoint, metric_value, prom, rss_mib, wait_for
 
 from schedscope.engine.emitter import Emitter
 from schedscope.telemetry import schema as s
@@ -65,7 +65,7 @@ class Sampler:
 
 
 def _engine_events_processed(text: str, engine_id: str) -> float:
-    return metric_value(text, "schedscope:events_total", engine_id=engine_id)
+    return metric_value(text, prom("events"), engine_id=engine_id)
 
 
 # Frames the sidecar buffers between receiving and processing. The CLI default (10,000 frames
@@ -112,14 +112,14 @@ def event_flood(
             def accounted() -> bool:
                 text = proc.scrape()
                 processed = _engine_events_processed(text, em.engine_id)
-                q = metric_value(text, "schedscope:sidecar_queue_dropped_events_total")
+                q = metric_value(text, prom("sidecar_queue_dropped_events"))
                 return processed + q + em.dropped_events >= emitted
 
             wait_for(accounted, timeout=drain_timeout_s, interval=0.2)
             drain_s = time.perf_counter() - sent_at
         text = proc.scrape()
         processed = _engine_events_processed(text, em.engine_id)
-        queue_dropped = metric_value(text, "schedscope:sidecar_queue_dropped_events_total")
+        queue_dropped = metric_value(text, prom("sidecar_queue_dropped_events"))
     finally:
         em.close()
         state = proc.stop(timeout=drain_timeout_s)
@@ -161,14 +161,14 @@ def inflight_flood(n_requests: int, out_dir: Path, drain_timeout_s: float = 600.
 
             def accounted() -> bool:
                 text = proc.scrape()
-                q = metric_value(text, "schedscope:sidecar_queue_dropped_events_total")
+                q = metric_value(text, prom("sidecar_queue_dropped_events"))
                 done = _engine_events_processed(text, em.engine_id)
                 return done + q + em.dropped_events >= n_requests
 
             wait_for(accounted, timeout=drain_timeout_s, interval=0.2)
             elapsed = time.perf_counter() - t0
         text = proc.scrape()
-        evicted = metric_value(text, "schedscope:requests_evicted_total", engine_id=em.engine_id)
+        evicted = metric_value(text, prom("requests_evicted"), engine_id=em.engine_id)
         running = _engine_events_processed(text, em.engine_id)
     finally:
         em.close()

@@ -139,6 +139,13 @@ class SidecarProc:
         return metric_value(self.scrape(), name, **labels)
 
 
+def prom(key: str) -> str:
+    """A metric's Prometheus name, from the one metrics table (names may be renamed there)."""
+    from schedscope.telemetry.metrics_table import metric_names
+
+    return metric_names(key)[0]
+
+
 def metric_value(text: str, name: str, **labels: str) -> float:
     total = 0.0
     for fam in text_string_to_metric_families(text):

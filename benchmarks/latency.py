@@ -20,7 +20,15 @@ from pathlib import Path
 
 import msgspec
 import zmq
-from harness import SidecarProc, StepLoop, free_port, ipc_endpoint, metric_value, wait_for
+from harness import (
+    SidecarProc,
+    StepLoop,
+    free_port,
+    ipc_endpoint,
+    metric_value,
+    prom,
+    wait_for,
+)
 
 from schedscope.engine.emitter import Emitter
 from schedscope.telemetry import schema as s
@@ -40,7 +48,7 @@ def pause_to_zero(proc: SidecarProc, em: Emitter, trials: int) -> dict:
     loop = StepLoop(em)
 
     def gen_throughput() -> float:
-        return metric_value(proc.scrape(), "sglang:gen_throughput", engine_id=em.engine_id)
+        return metric_value(proc.scrape(), prom("gen_throughput"), engine_id=em.engine_id)
 
     samples: list[float] = []
     for _ in range(trials):

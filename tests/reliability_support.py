@@ -18,6 +18,7 @@ from harness import (  # noqa: E402
     ipc_endpoint,
     metric_samples,
     metric_value,
+    prom,
     rss_mib,
     wait_for,
 )
@@ -30,6 +31,7 @@ __all__ = [
     "ipc_endpoint",
     "metric_samples",
     "metric_value",
+    "prom",
     "rss_mib",
     "wait_for",
 ]

@@ -16,7 +16,7 @@ from schedscope.telemetry.ingest import Ingest
 from schedscope.telemetry.pipeline import in_memory_pipeline
 from schedscope.telemetry.sidecar import Sidecar
 
-from .reliability_support import ipc_endpoint, metric_value, wait_for
+from .reliability_support import ipc_endpoint, metric_value, prom, wait_for
 
 ENGINE_ID_KEY = "schedscope.engine_id"  # resource attribute (telemetry/spans.py)
 
@@ -99,7 +99,7 @@ def test_engine_killed_mid_batch_spans_end_with_error_and_new_instance_is_recogn
     from prometheus_client import generate_latest
 
     text = generate_latest(tel.registry).decode()
-    assert metric_value(text, "schedscope:engine_restarts_total", engine_id=new_id) == 1
+    assert metric_value(text, prom("engine_restarts"), engine_id=new_id) == 1
 
 
 def test_sidecar_keeps_the_registry_it_is_given() -> None:

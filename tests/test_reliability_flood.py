@@ -16,7 +16,7 @@ from schedscope.telemetry.ingest import Ingest
 from schedscope.telemetry.pipeline import in_memory_pipeline
 from schedscope.telemetry.sidecar import Sidecar
 
-from .reliability_support import metric_value
+from .reliability_support import metric_value, prom
 
 # The emitter's own hello/heartbeat/stats events show up on both sides of the accounting.
 OWN_EVENTS_SLACK = 200
@@ -67,5 +67,5 @@ def test_in_flight_requests_beyond_the_bound_are_evicted_and_counted() -> None:
     assert len(ended) == n - bound  # evicted requests' spans ended (with error status)
     assert all(sp.status.description and "evicted" in sp.status.description for sp in ended)
     text = generate_latest(tel.registry).decode()
-    assert metric_value(text, "schedscope:requests_evicted_total", engine_id="flood") == n - bound
+    assert metric_value(text, prom("requests_evicted"), engine_id="flood") == n - bound
     ingest.stop()

@@ -145,15 +145,13 @@ def quiet_view_matches(loop: StepLoop, kv: EngineKvCache, consumer: KvConsumer) 
 
 
 def scrape_ok(proc: SidecarProc, engine_id: str) -> dict[str, float]:
-    from .reliability_support import metric_value
+    from .reliability_support import metric_value, prom
 
     text = proc.scrape()
     return {
-        "gen_throughput": metric_value(text, "sglang:gen_throughput", engine_id=engine_id),
-        "events": metric_value(text, "schedscope:events_total", engine_id=engine_id),
-        "engine_dropped": metric_value(
-            text, "schedscope:engine_dropped_messages_total", engine_id=engine_id
-        ),
+        "gen_throughput": metric_value(text, prom("gen_throughput"), engine_id=engine_id),
+        "events": metric_value(text, prom("events"), engine_id=engine_id),
+        "engine_dropped": metric_value(text, prom("engine_dropped_messages"), engine_id=engine_id),
     }
 
 
