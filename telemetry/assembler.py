@@ -219,8 +219,16 @@ class EngineAssembler:
                 self.last_wall_ns = last
 
     def tick(self, now_ns: int) -> None:
-        """Time-based work: KV window flushes, batches whose BatchDone never came."""
+        """Time-based work: KV window flushes, batches whose BatchDone never came, and idle
+        time accrued so far (so the idle-seconds counter grows while an idle span is open)."""
         self.kv.tick(now_ns)
+        if self.idle_start_ts is not None:
+            # Only up to the engine's latest event (heartbeats keep coming while it idles):
+            # the sidecar's own clock may already be past an IdleEnd still in flight.
+            now_engine = min(now_ns, self.last_wall_ns) - self.off_ns
+            if now_engine > self.idle_start_ts:
+                self.m.idle_seconds.value += (now_engine - self.idle_start_ts) * _NS
+                self.idle_start_ts = now_engine
         limit = now_ns - self.config.batch_timeout_ns
         batches = self.batches
         while batches:

@@ -114,7 +114,7 @@ def test_demo_writes_every_file_and_the_summary_matches_them(demo_run) -> None:
     assert summary["requests_finished"] == prom["sglang:num_requests_total"] == 9
     assert summary["generation_tokens"] == prom["sglang:generation_tokens_total"] == 90
     assert summary["batches"] == sum(n for k, n in spans.items() if k.startswith("batch "))
-    assert summary["batches"] == prom["schedscope:forward_iterations_total"]
+    assert summary["batches"] == prom["schedscope_forward_iterations_total"]
     assert summary["request_spans"] == 9
     assert summary["requests_retracted"] >= 1  # the pause retracted running requests
     assert summary["kv_events"] > 0
@@ -153,7 +153,7 @@ def test_record_then_replay_gives_the_live_spans_and_metrics(demo_run, tmp_path:
     # Everything the telemetry computed is identical. Two things depend on wall-clock timing,
     # not on the events: the exporters' own line counts (periodic OTLP file writes) and how KV
     # events were grouped into batches by the time window (the events themselves must match).
-    timing = ("schedscope_export_", "schedscope:kv_batches_total")
+    timing = ("schedscope_export_", "schedscope_kv_batches_total")
     differ = {
         k
         for k in live.keys() | replayed.keys()

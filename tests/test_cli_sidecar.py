@@ -65,4 +65,4 @@ def test_sidecar_ingests_a_stock_engines_kv_events_and_relays_them(
             proc.wait()
     err = proc.stderr.read() if proc.stderr else ""
     assert "KV events from tcp://127.0.0.1:" in err and "Traceback" not in err
-    assert prom_totals(tmp_path / "metrics.prom")["schedscope:kv_blocks_stored_total"] >= 1
+    assert prom_totals(tmp_path / "metrics.prom")["schedscope_kv_blocks_stored_total"] >= 1

@@ -489,12 +489,6 @@ def test_pause_shows_as_zero_gen_throughput(run: Run) -> None:
     assert stamps and min(stamps) >= t0 - 1 and max(stamps) <= t1 + 2
 
 
-@pytest.mark.xfail(
-    reason="telemetry: sglang:scheduler_idle_seconds_total only grows when an idle span ends, "
-    "not while it is open (the table promises 'up to the last tick'), so the idle-fraction "
-    "panel reads ~0 while idle",
-    strict=False,
-)
 def test_idle_period_shows(run: Run) -> None:
     t0, t1 = run.idle
     idle = _finite(run.prom.query_range(f'{M.idle}{{engine_id!="{FAULTY_ENGINE}"}}', t0 + 2, t1))

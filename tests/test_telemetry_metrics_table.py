@@ -31,7 +31,9 @@ def test_names_are_unique_and_valid_for_both_sides():
     assert len(set(proms)) == len(proms) and len(set(otlps)) == len(otlps)
     assert len({m.key for m in METRICS}) == len(METRICS)
     for m in METRICS:
-        assert re.fullmatch(r"(sglang|schedscope):[a-z0-9_]+", m.prom_name), m.prom_name
+        # `sglang:` names keep SGLang's dashboards working; our own names avoid `:`, which
+        # Prometheus reserves for recording rules (promtool's lint).
+        assert re.fullmatch(r"sglang:[a-z0-9_]+|schedscope_[a-z0-9_]+", m.prom_name), m.prom_name
         assert m.prom_name.endswith("_total") == (m.kind == "counter"), m.prom_name
         if m.otlp_name:  # the OTel SDK refuses `:`
             assert re.fullmatch(r"[a-z][a-z0-9_.]*", m.otlp_name), m.otlp_name
@@ -67,10 +69,10 @@ def test_every_metric_is_exposed_by_both_views_with_its_labels():
     for m in METRICS:
         assert f"# TYPE {m.prom_name} {m.kind}" in text, m.prom_name
     assert (
-        'schedscope:kv_total_blocks{dp_rank="1",engine_id="engine-a",engine_type="unified",model_name="m",pp_rank="0",tp_rank="0"} 100.0'
+        'schedscope_kv_total_blocks{dp_rank="1",engine_id="engine-a",engine_type="unified",model_name="m",pp_rank="0",tp_rank="0"} 100.0'
         in text
     )
-    assert 'schedscope:ingest_bad_frames_total{kind="malformed"} 3.0' in text
+    assert 'schedscope_ingest_bad_frames_total{kind="malformed"} 3.0' in text
     names = {
         metric.name
         for rm in reader.get_metrics_data().resource_metrics

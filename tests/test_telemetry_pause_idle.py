@@ -16,6 +16,7 @@ from schedscope.telemetry.schema import (
     BlockRemoved,
     BlockStored,
     DecodeStats,
+    Heartbeat,
     IdleBegin,
     IdleEnd,
     KvEvents,
@@ -187,3 +188,24 @@ def test_cpu_tier_blocks_do_not_count_as_device_cache_occupancy():
     # Stored/removed counters cover every medium.
     assert store.family("kv_blocks_stored").series[base].value == 4
     assert store.family("kv_blocks_removed").series[base].value == 2
+
+
+def test_idle_seconds_grow_while_the_idle_span_is_open():
+    t = in_memory_pipeline()
+    e = ScriptedEngine(t.pipeline.handle)
+    e.hello()
+    e.send(IdleBegin(e.ts(10)))
+    store = t.pipeline.store
+    base = ("test-model", "unified", "0", "0", "", "engine-a")
+
+    def heartbeat(ms: float) -> None:
+        e.send(Heartbeat(e.ts(ms), e.wall(ms), e.info))
+
+    heartbeat(510)
+    t.pipeline.tick(e.wall(600))  # credited up to the engine's last word, not the sidecar's now
+    assert store.family("idle_seconds").series[base].value == pytest.approx(0.5)
+    heartbeat(1010)
+    t.pipeline.tick(e.wall(1100))
+    assert store.family("idle_seconds").series[base].value == pytest.approx(1.0)
+    e.send(IdleEnd(e.ts(1210)))  # the rest is credited once, not twice
+    assert store.family("idle_seconds").series[base].value == pytest.approx(1.2)
