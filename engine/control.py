@@ -47,6 +47,7 @@ from schedscope.telemetry.schema import (
     PAUSE_ABORT,
     PAUSE_MODES,
     PAUSE_RETRACT,
+    AllBlocksCleared,
     CacheFlush,
     IdleEnd,
     KvBlockEventT,
@@ -87,6 +88,7 @@ class ControlledEngine:
         self.paused: str | None = None
         self.profiler = EngineProfiler(self.emitter)
         self.offloader: KvOffloader | None = None
+        self._announced_connects = 0  # emitter connects already answered with a KV re-sync
         if self.cfg.enable_kv_offload and scheduler.tree is not None:
             self.offloader = KvOffloader(
                 self._read_slots,
@@ -216,6 +218,7 @@ class ControlledEngine:
         """One loop iteration; False when there was nothing to run (the runner then sleeps)."""
         sched = self.scheduler
         self._poll_offload()
+        self._resync_kv_if_new_sidecar()
         if self.paused is None and sched.has_work():
             did = sched.step()
             if did:
@@ -446,6 +449,27 @@ class ControlledEngine:
         events = self.offloader.poll()
         if events and self.emitter.enabled:
             self.emitter.emit(KvEvents(_now_ns(), self.scheduler.forward_ct or None, events))
+
+    def _resync_kv_if_new_sidecar(self) -> None:
+        """KV re-sync after a sidecar (re)start: the new sidecar's relay and its consumers know
+        nothing of the cache, and no replay buffer survived. So when the emitter connects
+        again, announce the whole cache: AllBlocksCleared, then every block of both tiers."""
+        connects = getattr(self.emitter, "connects", 0)
+        if connects <= self._announced_connects:
+            return
+        first = self._announced_connects == 0
+        self._announced_connects = connects
+        tree = self.scheduler.tree
+        if tree is None or not self.emitter.enabled:
+            return
+        snapshot = tree.announce_all()
+        if self.offloader is not None:
+            snapshot += self.offloader.announce_all()
+        if first and not snapshot:
+            return  # a sidecar there from the start has nothing to catch up on
+        tree.take_events()  # superseded by the snapshot
+        events: list[KvBlockEventT] = [AllBlocksCleared(), *snapshot]
+        self.emitter.emit(KvEvents(_now_ns(), self.scheduler.forward_ct or None, events))
 
     def _flush_kv_events(self, extra: list[KvBlockEventT] | None = None) -> None:
         """Emit every pending KV event now (GPU tier, finished offloads, ``extra``)."""

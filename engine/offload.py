@@ -156,6 +156,19 @@ class KvOffloader:
         )
         return events
 
+    def announce_all(self) -> list[KvBlockEvent]:
+        """BlockStored for every page of the CPU tier (re-sync of a new KV consumer)."""
+        return [
+            BlockStored(
+                block_hashes=[h],
+                parent_block_hash=page.parent_hash,
+                token_ids=list(page.token_ids),
+                block_size=self.page_size,
+                medium=MEDIUM_CPU,
+            )
+            for h, page in self.tier.items()
+        ]
+
     def clear(self) -> list[KvBlockEvent]:
         """Drop the whole tier (flush_cache). Callers make sure nothing is in flight."""
         if self._inflight:

@@ -225,6 +225,21 @@ class RadixCache:
         events, self._events = self._events, []
         return events
 
+    def announce_all(self) -> list[KvBlockEventT]:
+        """BlockStored for every page the tree holds, parents before children: what a KV
+        consumer that knows nothing (a restarted sidecar's relay) needs to rebuild the cache."""
+        out: list[KvBlockEventT] = []
+        stack = list(self.root.children.values())
+        p = self.page_size
+        while stack:  # depth first from the root: a parent is always announced first
+            node = stack.pop()
+            prev = node.parent.hashes[-1] if node.parent and node.parent.hashes else None
+            for j, h in enumerate(node.hashes):
+                out.append(BlockStored([h], prev, node.key[j * p : (j + 1) * p], p, self.medium))
+                prev = h
+            stack.extend(node.children.values())
+        return out
+
     def block_hashes(self) -> set[int]:
         """Every block hash the tree holds now (tests compare it with replayed events)."""
         return {h for node in self._nodes() for h in node.hashes}
