@@ -64,13 +64,7 @@ def test_engine_reannounces_its_cache_when_a_new_sidecar_connects() -> None:
             if isinstance(ev, s.KvEvents)
             and any(isinstance(k, s.AllBlocksCleared) for k in ev.events)
         ]
-        if not cleared:
-            pytest.xfail(
-                "NOT YET IN THE ENGINE (engine/scheduler.py or engine/engine.py, helper-2/5): "
-                "on `emitter.connects` going up, emit KvEvents([AllBlocksCleared(), "
-                "BlockStored(...) for every node of the radix cache (and the CPU tier), "
-                "parents first]) so a restarted sidecar's KV consumers re-sync"
-            )
+        assert cleared, "no AllBlocksCleared re-announcement after the new connection"
         # A consumer that starts from the re-announcement sees exactly the cache.
         view: dict[int, str | None] = {}
         apply(view, after[cleared[0] :])
