@@ -363,6 +363,10 @@ def build_sidecar_app(settings: Settings, *, live: bool = True) -> SidecarApp:
 
     registry = CollectorRegistry(auto_describe=True)
     kv_relay = _build_kv_relay(settings)
+    if kv_relay is not None:
+        from schedscope.exporters.kv_relay import KvRelayCollector
+
+        registry.register(KvRelayCollector(kv_relay))
     pipeline = _build_pipeline(tracer_provider, meter_provider, registry, kv_relay, settings)
     registry.register(ExportStatsCollector(EXPORT_STATS))
 

@@ -177,16 +177,16 @@ and {ON} max {BY} ({M.token_usage}) < 0.8
 
 
 def kv_relay_alert() -> Alert:
-    """Lag itself when the relay exports it; until then the relay dropping batches, which is
-    what a relay that cannot keep up does (its queue is bounded)."""
+    """Lagging routers: the relay trails the engine by over a second, or it drops batches
+    (what a relay that cannot keep up does: its queue is bounded)."""
+    dropped = M.export_kv_batches + '{outcome="dropped"}'
+    expr = f"{grown(dropped, '5m', 'by (instance, exporter)')} > 0"
+    what = "dropping KV batches (its bounded queue overflows)"
     lag = optional("kv_relay_lag")
     if lag is not None:
-        expr, for_ = f"max {BY} ({lag}) > 1", "2m"
-        what = "more than 1 s behind the engine"
-    else:
-        dropped = M.export_kv_batches + '{outcome="dropped"}'
-        expr = f"{grown(dropped, '5m', 'by (instance, exporter)')} > 0"
-        for_, what = "1m", "dropping KV batches (its bounded queue overflows)"
+        expr = f"(max by (instance, exporter) ({lag}) > 1) or ({expr})"
+        what = "more than 1 s behind the engine, or dropping KV batches"
+    for_ = "1m"
     return Alert(
         "SchedscopeKvRelayLagging",
         expr,

@@ -283,10 +283,13 @@ def _kv() -> list[g.Panel]:
         panels.append(
             g.timeseries(
                 "KV relay lag",
-                [g.target(f"max {BY_ENGINE} ({q(lag)})", "{{engine_id}}")],
+                [g.target(f"max by (instance, exporter) ({q(lag)})", "{{instance}} {{exporter}}")],
                 unit="s",
                 width=12,
-                description="How far the KV-event relay to routers lags behind the engine.",
+                description=(
+                    "How far the KV-event relay to routers trails the engine: the age of the "
+                    "oldest batch still queued, else the last batch's delay. Milliseconds normally."
+                ),
             )
         )
     return panels

@@ -11,7 +11,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 from schedscope.exporters.stats import KINDS_HELP
-from schedscope.telemetry.metrics_table import COUNTER, ENGINE_LABELS, METRICS, MetricDef
+from schedscope.telemetry.metrics_table import COUNTER, ENGINE_LABELS, GAUGE, METRICS, MetricDef
 
 # Exporter health counters (exporters/stats.py): sidecar-wide, labelled exporter and outcome.
 EXPORT_METRICS: tuple[MetricDef, ...] = tuple(
@@ -28,9 +28,34 @@ EXPORT_METRICS: tuple[MetricDef, ...] = tuple(
     for kind, help_text in KINDS_HELP.items()
 )
 
-M = SimpleNamespace(**{m.key: m.prom_name for m in METRICS + EXPORT_METRICS})
+# The KV relay's own gauges (exporters/kv_relay.py KvRelayCollector), labelled by exporter.
+RELAY_METRICS: tuple[MetricDef, ...] = (
+    MetricDef(
+        key="kv_relay_lag",
+        prom_name="schedscope_kv_relay_lag_seconds",
+        otlp_name=None,
+        kind=GAUGE,
+        unit="s",
+        help="Seconds the KV-event relay trails the engine.",
+        labels=("exporter",),
+        per_engine=False,
+    ),
+    MetricDef(
+        key="kv_relay_queued",
+        prom_name="schedscope_kv_relay_queued_batches",
+        otlp_name=None,
+        kind=GAUGE,
+        unit="{batch}",
+        help="KV batches waiting in the relay's bounded queue.",
+        labels=("exporter",),
+        per_engine=False,
+    ),
+)
 
-_BY_PROM_NAME: dict[str, MetricDef] = {m.prom_name: m for m in METRICS + EXPORT_METRICS}
+_ALL = METRICS + EXPORT_METRICS + RELAY_METRICS
+M = SimpleNamespace(**{m.key: m.prom_name for m in _ALL})
+
+_BY_PROM_NAME: dict[str, MetricDef] = {m.prom_name: m for m in _ALL}
 _HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
 
 

@@ -15,12 +15,15 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import zmq
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from schedscope.exporters.kv_wire import END_SEQ, KvEventsConfig, encode_payload
 from schedscope.exporters.stats import EXPORT_STATS, ExportStats, RateLimitedLogger
@@ -72,6 +75,7 @@ class KvRelay:
         self._topic = config.topic.encode()
         self._ctx = context or zmq.Context.instance()
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=max(1, config.max_queue_size))
+        self._last_send_lag_s = 0.0
         self._publishers: dict[int, _Publisher] = {}
         self._poll_s = poll_interval_s
         self._closed = False
@@ -123,6 +127,15 @@ class KvRelay:
 
     def queue_size(self) -> int:
         return self._queue.qsize()
+
+    def lag_seconds(self) -> float:
+        """How far routers' view trails the engine: the age of the oldest batch still queued
+        (so a stuck sender shows as a growing lag), else the last sent batch's ts -> send."""
+        with self._queue.mutex:
+            oldest = self._queue.queue[0] if self._queue.queue else None
+        if isinstance(oldest, KvBatch):
+            return max(0.0, time.time() - oldest.ts)
+        return self._last_send_lag_s
 
     # -- sender thread --------------------------------------------------------------------
 
@@ -215,6 +228,7 @@ class KvRelay:
             return
         self.stats.add("kv_batches", self.name, "sent")
         self.stats.add("kv_events", self.name, "sent", len(batch.events))
+        self._last_send_lag_s = max(0.0, time.time() - batch.ts)
 
     def _answer_replay(self, router: zmq.Socket) -> None:
         while True:
@@ -248,3 +262,27 @@ class KvRelay:
             if p.router is not None:
                 p.router.close(linger=0)
         self._publishers.clear()
+
+
+class KvRelayCollector(Collector):
+    """prometheus_client Collector for a relay's lag and queue depth, read at scrape time."""
+
+    def __init__(self, relay: KvRelay) -> None:
+        self.relay = relay
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        lag = GaugeMetricFamily(
+            "schedscope_kv_relay_lag_seconds",
+            "Seconds the KV-event relay trails the engine: age of the oldest queued batch, "
+            "else the last sent batch's delay.",
+            labels=["exporter"],
+        )
+        lag.add_metric([self.relay.name], self.relay.lag_seconds())
+        queued = GaugeMetricFamily(
+            "schedscope_kv_relay_queued_batches",
+            "KV batches waiting in the relay's bounded queue.",
+            labels=["exporter"],
+        )
+        queued.add_metric([self.relay.name], self.relay.queue_size())
+        yield lag
+        yield queued

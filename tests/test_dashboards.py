@@ -353,6 +353,20 @@ def _unit_tests() -> list[dict[str, Any]]:
             [_expect("SchedscopeKvRelayLagging", {**sidecar, "exporter": "kv_relay"}, 0)],
         ),
         case(
+            "kv relay more than 1 s behind",
+            [_sidecar_series(M.kv_relay_lag, "0.01x5 3x34", exporter="kv_relay")],
+            "SchedscopeKvRelayLagging",
+            "4m",
+            [_expect("SchedscopeKvRelayLagging", {**sidecar, "exporter": "kv_relay"}, 3)],
+        ),
+        case(
+            "kv relay a few ms behind: no alert",
+            [_sidecar_series(M.kv_relay_lag, "0.02x39", exporter="kv_relay")],
+            "SchedscopeKvRelayLagging",
+            "4m",
+            [],
+        ),
+        case(
             "engine silent: heartbeat missing",
             _healthy_engine(**{M.events: "0+100x8 900x31"}),
             "SchedscopeEngineHeartbeatMissing",

@@ -412,3 +412,34 @@ def test_ingest_counts_what_replay_cannot_give_and_relay_round_trips() -> None:
             ingest.close()
             relay.close()
     ctx.term()
+
+
+def test_relay_lag_is_exported_for_the_dashboard_and_alert() -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from schedscope.exporters.kv_relay import KvRelayCollector
+
+    ctx = zmq.Context()
+    relay = KvRelay({"endpoint": "tcp://127.0.0.1:0"}, stats=ExportStats(), context=ctx)
+    registry = CollectorRegistry()
+    registry.register(KvRelayCollector(relay))
+    try:
+        stale = KvBatch("e0", 0, time.time() - 5.0, [AllBlocksCleared()])
+        relay.publish(stale)  # an engine batch that reached the relay 5 s late
+        deadline = time.monotonic() + 5
+        while relay.lag_seconds() < 5.0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        text = generate_latest(registry).decode()
+        line = next(
+            r for r in text.splitlines() if r.startswith("schedscope_kv_relay_lag_seconds{")
+        )
+        assert 5.0 <= float(line.split()[-1]) < 60.0
+        assert 'schedscope_kv_relay_queued_batches{exporter="kv_relay"}' in text
+
+        relay.publish(KvBatch("e0", 0, time.time(), [AllBlocksCleared()]))  # a fresh one
+        while relay.lag_seconds() >= 5.0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert relay.lag_seconds() < 5.0
+    finally:
+        relay.close()
+        ctx.term()
