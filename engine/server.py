@@ -229,7 +229,7 @@ def create_app(runner: EngineRunner, settings: ServerSettings | None = None) -> 
             return {}
         try:
             body = json.loads(raw)
-        except json.JSONDecodeError as exc:
+        except ValueError as exc:  # JSONDecodeError, and UnicodeDecodeError for non-UTF-8
             raise ApiError(f"body is not valid JSON: {exc}") from None
         if not isinstance(body, dict):
             raise ApiError("body must be a JSON object")

@@ -34,6 +34,8 @@ from schedscope.exporters.stats import EXPORT_STATS, ExportStats, RateLimitedLog
 from schedscope.telemetry.kv_sinks import KvBatch, KvSink
 from schedscope.telemetry.schema import KvBlockEventT, KvEvents
 
+# One KV batch: generous (thousands of pages with their token ids), still bounded.
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 _log = RateLimitedLogger(logging.getLogger(__name__))
 
 
@@ -60,6 +62,7 @@ class KvIngest:
         engine_id: str | None = None,
         hwm: int = 100_000,
         replay_timeout_s: float = 2.0,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         name: str = "kv_ingest",
         stats: ExportStats = EXPORT_STATS,
         context: zmq.Context | None = None,
@@ -70,6 +73,7 @@ class KvIngest:
         self.on_batch = on_batch
         self.relay = relay
         self.engine_id = engine_id or f"kv:{endpoint}"
+        self.max_message_bytes = max_message_bytes
         self.hwm = hwm
         self.replay_timeout_s = replay_timeout_s
         self.name = name
@@ -112,6 +116,7 @@ class KvIngest:
         if self.replay_endpoint:
             self._dealer = self._ctx.socket(zmq.DEALER)  # not REQ: REQ breaks after one reply
             self._dealer.setsockopt(zmq.LINGER, 0)
+            self._dealer.setsockopt(zmq.MAXMSGSIZE, self.max_message_bytes)
             self._dealer.connect(self.replay_endpoint)
         return self._dealer
 
@@ -119,6 +124,8 @@ class KvIngest:
         sub = self._ctx.socket(zmq.SUB)
         sub.setsockopt(zmq.RCVHWM, self.hwm)
         sub.setsockopt(zmq.LINGER, 0)
+        # A peer on the network must not make us buffer frames of any size.
+        sub.setsockopt(zmq.MAXMSGSIZE, self.max_message_bytes)
         sub.setsockopt(zmq.SUBSCRIBE, self.topic)
         sub.connect(self.endpoint)
         self._new_dealer()
@@ -141,10 +148,12 @@ class KvIngest:
         last = self.last_seq
         if last is not None:
             if seq <= last:
-                if seq != 0:  # a duplicate (e.g. also seen through replay): skip it
-                    self.stats.add("kv_batches", self.name, "duplicate")
-                    return
+                # Live batches never repeat (replay only fetches seqs below the live one), so a
+                # seq going back means the publisher restarted, and a subscriber that joined
+                # it late may first see seq > 0: fetch what it missed from the new one.
                 self.stats.add("kv_batches", self.name, "publisher_restart")
+                if seq > 0:
+                    self._fill_gap(0, seq)
             elif seq > last + 1:
                 self.stats.add("kv_batches", self.name, "gap")
                 self._fill_gap(last + 1, seq)

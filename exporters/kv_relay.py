@@ -153,6 +153,8 @@ class KvRelay:
                 router = self._ctx.socket(zmq.ROUTER)
                 router.setsockopt(zmq.SNDHWM, cfg.hwm)
                 router.setsockopt(zmq.LINGER, 0)
+                # Replay requests are [b"", 8-byte seq]: refuse anything bigger from the network.
+                router.setsockopt(zmq.MAXMSGSIZE, 1024)
                 router.bind(replay_ep)
                 replay_ep = router.getsockopt_string(zmq.LAST_ENDPOINT)
         except zmq.ZMQError as exc:

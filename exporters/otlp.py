@@ -183,22 +183,25 @@ class ExportConfig:
         return default
 
     def bsp_settings(self) -> dict[str, float]:
+        queue = int(
+            self._number(
+                self.bsp_max_queue_size, "OTEL_BSP_MAX_QUEUE_SIZE", DEFAULT_BSP_MAX_QUEUE_SIZE
+            )
+        )
+        batch = int(
+            self._number(
+                self.bsp_max_export_batch_size,
+                "OTEL_BSP_MAX_EXPORT_BATCH_SIZE",
+                DEFAULT_BSP_MAX_EXPORT_BATCH_SIZE,
+            )
+        )
         return {
-            "max_queue_size": int(
-                self._number(
-                    self.bsp_max_queue_size, "OTEL_BSP_MAX_QUEUE_SIZE", DEFAULT_BSP_MAX_QUEUE_SIZE
-                )
-            ),
+            "max_queue_size": queue,
             "schedule_delay_millis": self._number(
                 self.bsp_schedule_delay_ms, "OTEL_BSP_SCHEDULE_DELAY", DEFAULT_BSP_SCHEDULE_DELAY_MS
             ),
-            "max_export_batch_size": int(
-                self._number(
-                    self.bsp_max_export_batch_size,
-                    "OTEL_BSP_MAX_EXPORT_BATCH_SIZE",
-                    DEFAULT_BSP_MAX_EXPORT_BATCH_SIZE,
-                )
-            ),
+            # The SDK refuses a batch larger than the queue; a small queue alone is valid config.
+            "max_export_batch_size": min(batch, queue),
             "export_timeout_millis": self._number(
                 self.bsp_export_timeout_ms, "OTEL_BSP_EXPORT_TIMEOUT", DEFAULT_BSP_EXPORT_TIMEOUT_MS
             ),

@@ -97,12 +97,6 @@ def test_bodies_that_are_not_json_get_4xx(client, raw: bytes) -> None:
         check(client.post(path, content=raw, headers={"content-type": "application/json"}))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG engine/server.py body_of (~line 230): `except json.JSONDecodeError` misses "
-    "UnicodeDecodeError, which json.loads(bytes) raises for a body that is not UTF-8: a "
-    "500 instead of a 400. Fix: `except ValueError` (both are ValueErrors).",
-)
 def test_a_body_that_is_not_utf8_gets_4xx(client) -> None:
     for path in BODY_PATHS:
         check(client.post(path, content=b"\x80{", headers={"content-type": "application/json"}))

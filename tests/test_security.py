@@ -103,12 +103,6 @@ def test_raw_event_ingest_sets_maxmsgsize() -> None:
         ingest.stop()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG (exporters/kv_ingest.py _run/_new_dealer, exporters/kv_relay.py _open): the KV "
-    "ingest SUB/DEALER and the relay's replay ROUTER receive from the network without "
-    "zmq.MAXMSGSIZE; a peer can make them buffer frames of any size",
-)
 def test_every_network_receiving_zmq_socket_sets_maxmsgsize() -> None:
     missing = [f for f in receiving_socket_files() if "MAXMSGSIZE" not in (ROOT / f).read_text()]
     assert not missing, f"receiving ZMQ sockets without MAXMSGSIZE in: {missing}"
