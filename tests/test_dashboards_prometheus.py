@@ -357,6 +357,11 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Run]:
         sidecar.wait_ready()
         engine.wait_ready()
         engine_url = f"http://127.0.0.1:{engine_port}"
+        # A shorter gen_throughput window than SGLang's 40 decode batches (an operator's
+        # --decode-log-interval), so a slow start still reports throughput in the busy phase.
+        httpx.post(
+            f"{engine_url}/set_internal_state", json={"decode_log_interval": 8}, timeout=10
+        ).raise_for_status()
         wait_until(
             lambda: any(t["health"] == "up" for t in prom.api("targets")["activeTargets"]),
             15,
@@ -475,7 +480,7 @@ def test_dashboard_variables_list_the_real_engine(run: Run) -> None:
 def test_pause_shows_as_zero_gen_throughput(run: Run) -> None:
     t0, t1 = run.pause
     expr = f'{M.gen_throughput}{{engine_id!="{FAULTY_ENGINE}"}}'
-    before = _finite(run.prom.query_range(expr, run.start + 2, t0 - 0.5))
+    before = _finite(run.prom.query_range(expr, run.start + 1, t0 - 0.2))
     during = _finite(run.prom.query_range(expr, t0 + 1.5, t1 - 0.2))
     after = _finite(run.prom.query_range(expr, t1 + 1, run.idle[0]))
     assert max(before) > 0, "no generation throughput before the pause"
