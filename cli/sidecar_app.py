@@ -48,6 +48,7 @@ KV_HANDOFF_MAX = 10_000  # KV-ingest batches waiting for the processing thread
 # At shutdown, how long a slow or dead OTLP backend may hold us up once the files are written
 # (the SDK would otherwise retry each export for its full timeout, 10 s or more).
 OTLP_SHUTDOWN_S = 5.0
+DRAIN_DEADLINE_S = 5.0  # at shutdown, queued frames are processed for at most this long
 FILE_EXPORTERS = ("otlp_file", "perfetto")
 TICK_S = 0.01  # telemetry clock for time-based work (the pipeline asks for "every few ms")
 
@@ -177,8 +178,14 @@ class SidecarApp:
             self.kv_ingest.close()
         ingest = self.sidecar.ingest
         ingest.stop()
-        while self.sidecar.process(timeout=0):  # frames received before the socket closed
+        # Frames received before the socket closed are processed, up to a deadline: a flood's
+        # backlog must not hold the exit (and the files) for minutes. The rest is counted.
+        deadline = time.monotonic() + DRAIN_DEADLINE_S
+        while time.monotonic() < deadline and self.sidecar.process(timeout=0, max_frames=256):
             pass
+        for left in ingest.drain(max_items=ingest.queue.maxsize + 1):
+            ingest.counters.queue_dropped_frames += 1
+            ingest.counters.queue_dropped_events += len(left.frame.events)
         self.drain_kv_ingest()
         self.tick()
         _call(self.pipeline, "close")  # ends open spans, flushes pending KV batches

@@ -70,7 +70,9 @@ QUEUED, PREFILL, DECODE = "queued", "prefill", "decode"
 class AssemblerConfig:
     batch_timeout_ns: int = 60_000_000_000  # a BatchDone later than this will not come
     max_open_batches: int = 4096
-    max_requests: int = 100_000  # in-flight requests per engine; oldest dropped beyond
+    # In-flight requests per engine (~6.6 KiB each, so ~130 MiB at the bound); beyond it the
+    # oldest is dropped, its span ended with error status, and counted.
+    max_requests: int = 20_000
     batch_links: int = 4  # a request links to its first and last N batch spans
     recent_iters: int = 4096  # done forward_iters remembered to spot duplicates
     kv: KvBatchingConfig = field(default_factory=KvBatchingConfig)
