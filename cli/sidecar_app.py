@@ -311,6 +311,7 @@ def build_sidecar_app(settings: Settings, *, live: bool = True) -> SidecarApp:
         register_otel_instruments,
     )
     from schedscope.telemetry.ingest import Ingest
+    from schedscope.telemetry.otel_histograms import OtlpHistogramBridge
     from schedscope.telemetry.sidecar import Sidecar
 
     cmd = settings.command
@@ -361,8 +362,10 @@ def build_sidecar_app(settings: Settings, *, live: bool = True) -> SidecarApp:
     tracer_provider = TracerProvider(resource=resource, shutdown_on_exit=False)
     for processor in span_processors:
         tracer_provider.add_span_processor(processor)
+    # OTLP histograms are built from the pipeline's store at each export (it binds the store).
+    histograms = OtlpHistogramBridge(resource)
     # Readers come OTLP first, file last; MeterProvider shuts them down in order: reverse.
-    readers = build_metric_readers(config)[::-1]
+    readers = build_metric_readers(config, histograms)[::-1]
     meter_provider = MeterProvider(
         metric_readers=readers, resource=resource, shutdown_on_exit=False
     )
@@ -374,7 +377,9 @@ def build_sidecar_app(settings: Settings, *, live: bool = True) -> SidecarApp:
         from schedscope.exporters.kv_relay import KvRelayCollector
 
         registry.register(KvRelayCollector(kv_relay))
-    pipeline = _build_pipeline(tracer_provider, meter_provider, registry, kv_relay, settings)
+    pipeline = _build_pipeline(
+        tracer_provider, meter_provider, histograms, registry, kv_relay, settings
+    )
     registry.register(ExportStatsCollector(EXPORT_STATS))
 
     recorder = None
@@ -433,12 +438,19 @@ def build_sidecar_app(settings: Settings, *, live: bool = True) -> SidecarApp:
 
 
 def _build_pipeline(
-    tracer_provider: Any, meter_provider: Any, registry: Any, kv_relay: Any, settings: Settings
+    tracer_provider: Any,
+    meter_provider: Any,
+    histograms: Any,
+    registry: Any,
+    kv_relay: Any,
+    settings: Settings,
 ) -> Any:
     from schedscope.telemetry.pipeline import TelemetryPipeline
 
     sinks = [kv_relay] if kv_relay is not None else []
-    return TelemetryPipeline(tracer_provider, meter_provider, registry, kv_sinks=sinks)
+    return TelemetryPipeline(
+        tracer_provider, meter_provider, registry, kv_sinks=sinks, otel_histograms=histograms
+    )
 
 
 def _kv_config(settings: Settings, prefix: str) -> dict[str, Any] | None:

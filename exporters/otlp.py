@@ -4,7 +4,8 @@ The telemetry layer makes spans through a ``TracerProvider`` and metrics through
 ``MeterProvider``; this module builds both from an ``ExportConfig``:
 
     provider = build_tracer_provider(config, resource)        # spans -> OTLP / files / Perfetto
-    meters = build_meter_provider(config, resource, extra_readers=[...])
+    histograms = OtlpHistogramBridge(resource)                # the pipeline binds its store
+    meters = build_meter_provider(config, resource, extra_readers=[...], histograms=histograms)
 
 Configuration: explicit ``ExportConfig`` fields win; a field left ``None`` falls back to the
 standard OTel variables (``OTEL_EXPORTER_OTLP_[TRACES_|METRICS_]{ENDPOINT,PROTOCOL,HEADERS}``,
@@ -27,7 +28,7 @@ import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 from opentelemetry.sdk.metrics import MeterProvider
@@ -50,6 +51,9 @@ from schedscope.exporters.stats import (
     install_log_rate_limit,
     register_otel_instruments,
 )
+
+if TYPE_CHECKING:
+    from schedscope.telemetry.otel_histograms import OtlpHistogramBridge
 
 logger = logging.getLogger(__name__)
 
@@ -479,23 +483,32 @@ def build_tracer_provider(
     return provider
 
 
-def build_metric_readers(config: ExportConfig) -> list[MetricReader]:
+def build_metric_readers(
+    config: ExportConfig, histograms: OtlpHistogramBridge | None = None
+) -> list[MetricReader]:
+    """A periodic reader per configured metric exporter. With ``histograms``, each exporter is
+    wrapped so every export also carries the metric store's histograms (outermost, so the
+    counts include their points)."""
     install_log_rate_limit(config.log_interval_s, config.stats)
-    readers: list[MetricReader] = []
-    interval, timeout = config.metric_interval_ms(), config.metric_timeout_ms()
+    exporters: list[MetricExporter] = []
     otlp = make_otlp_metric_exporter(config)
     if otlp is not None:
-        counted = CountingMetricExporter(
-            otlp, _exporter_name("otlp", config, "metrics"), config.stats, config.log_interval_s
-        )
-        readers.append(PeriodicExportingMetricReader(counted, interval, timeout))
+        name = _exporter_name("otlp", config, "metrics")
+        exporters.append(CountingMetricExporter(otlp, name, config.stats, config.log_interval_s))
     if config.file_dir is not None and (otlp is None or config.files_always):
         from schedscope.exporters.otlp_file import OtlpJsonFileMetricExporter
 
         path = Path(config.file_dir) / "metrics.jsonl"
-        exporter = OtlpJsonFileMetricExporter(path, config.file_max_bytes, stats=config.stats)
-        readers.append(PeriodicExportingMetricReader(exporter, interval, timeout))
-    return readers
+        exporters.append(
+            OtlpJsonFileMetricExporter(path, config.file_max_bytes, stats=config.stats)
+        )
+    interval, timeout = config.metric_interval_ms(), config.metric_timeout_ms()
+    return [
+        PeriodicExportingMetricReader(
+            histograms.wrap(e) if histograms is not None else e, interval, timeout
+        )
+        for e in exporters
+    ]
 
 
 def build_meter_provider(
@@ -503,11 +516,13 @@ def build_meter_provider(
     resource: Resource | None = None,
     extra_readers: Sequence[MetricReader] = (),
     views: Sequence[Any] = (),
+    histograms: OtlpHistogramBridge | None = None,
 ) -> MeterProvider:
-    """A MeterProvider with the configured periodic OTLP/file readers plus ``extra_readers``."""
+    """A MeterProvider with the configured periodic OTLP/file readers plus ``extra_readers``.
+    Give the pipeline the same ``histograms`` bridge: OTLP histograms come only through it."""
     config = config or ExportConfig()
     provider = MeterProvider(
-        metric_readers=[*build_metric_readers(config), *extra_readers],
+        metric_readers=[*build_metric_readers(config, histograms), *extra_readers],
         resource=resource or build_resource(config),
         views=list(views),
         shutdown_on_exit=False,

@@ -5,8 +5,8 @@ Why a store of plain Python values instead of prometheus_client metric objects: 
 (≥ 200k events/s on one core) then costs an attribute write per update (no lock, no
 ``.labels()``), and the OTel side needs no synchronous instrument call (an OTel SDK
 ``record``/``add`` with six attributes costs ~15 µs): its gauges and counters are observable
-and read the store when a reader collects. Only OTel histograms are recorded synchronously,
-once per request.
+and read the store when a reader collects, and its histograms are built from the store's
+HistSeries at collection time (``otel_histograms.py``; the SDK has no observable histogram).
 
 Threading: only the processing thread writes; scrapes and OTel readers only read. Every read
 is of a single float or a copied list, atomic under the GIL; a scrape racing an observe can
@@ -15,11 +15,12 @@ see a histogram's sum one observation ahead of its buckets, never a torn value.
 
 from __future__ import annotations
 
+import math
+import time
 from bisect import bisect_left
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from opentelemetry import context as otel_context
 from opentelemetry import trace
 
 from schedscope.telemetry.metrics_table import (
@@ -31,6 +32,7 @@ from schedscope.telemetry.metrics_table import (
 )
 
 LabelValues = tuple[str, ...]
+HistExemplar = tuple[trace.SpanContext, float, int]  # span context, value, wall time (ns)
 
 
 class Series:
@@ -43,19 +45,22 @@ class Series:
 
 
 class HistSeries:
-    """A histogram for one label set: non-cumulative bucket counts (+Inf last), sum, and the
-    latest exemplar per bucket. ``observe(v, n)`` adds n observations of v (weighted, for
-    SGLang's per-chunk inter-token latency)."""
+    """A histogram for one label set: non-cumulative bucket counts (+Inf last), sum, min/max,
+    the latest exemplar per bucket and the series' start time, i.e. everything a cumulative
+    OTLP histogram point needs besides the bounds. ``observe(v, n)`` adds n observations of v
+    (weighted, for SGLang's per-chunk inter-token latency)."""
 
-    __slots__ = ("bounds", "counts", "exemplars", "otel_attrs", "otel_hist", "sum")
+    __slots__ = ("bounds", "counts", "exemplars", "max", "min", "start_ns", "sum")
 
     def __init__(self, bounds: tuple[float, ...]) -> None:
         self.bounds = bounds
         self.counts = [0] * (len(bounds) + 1)
         self.sum = 0.0
-        self.exemplars: list[tuple[dict[str, str], float] | None] = [None] * (len(bounds) + 1)
-        self.otel_hist: Any = None  # OTel Histogram instrument, when a MeterProvider is set
-        self.otel_attrs: dict[str, str] | None = None
+        self.min = math.inf
+        self.max = -math.inf
+        self.start_ns = time.time_ns()  # OTLP start_time_unix_nano: counts since then
+        # (span context, value, wall ns) per bucket; ids are formatted at scrape time.
+        self.exemplars: list[HistExemplar | None] = [None] * (len(bounds) + 1)
 
     def observe(
         self,
@@ -66,35 +71,24 @@ class HistSeries:
         i = bisect_left(self.bounds, value)  # Prometheus buckets are `le`: v <= bound
         self.counts[i] += n
         self.sum += value * n
+        if value < self.min:
+            self.min = value
+        if value > self.max:
+            self.max = value
         if span_context is not None:
-            self.exemplars[i] = (
-                {
-                    "trace_id": trace.format_trace_id(span_context.trace_id),
-                    "span_id": trace.format_span_id(span_context.span_id),
-                },
-                value,
-            )
-        if self.otel_hist is not None:
-            ctx = None
-            if span_context is not None:  # lets the OTel SDK attach its own exemplar
-                ctx = trace.set_span_in_context(
-                    trace.NonRecordingSpan(span_context), otel_context.Context()
-                )
-            for _ in range(n):
-                self.otel_hist.record(value, self.otel_attrs, ctx)
+            self.exemplars[i] = (span_context, value, time.time_ns())
 
 
 class Family:
     """All series of one metric."""
 
-    __slots__ = ("definition", "otel_hist", "provider", "series")
+    __slots__ = ("definition", "provider", "series")
 
     def __init__(self, definition: MetricDef) -> None:
         self.definition = definition
         self.series: dict[LabelValues, Series | HistSeries] = {}
         # Sidecar-wide metrics derived at collection time (ingest counters).
         self.provider: Callable[[], Iterable[tuple[LabelValues, float]]] | None = None
-        self.otel_hist: Any = None
 
     def get(self, labels: LabelValues) -> Series | HistSeries:
         s = self.series.get(labels)
@@ -103,9 +97,6 @@ class Family:
             if d.kind == HISTOGRAM:
                 assert d.buckets is not None
                 s = HistSeries(tuple(float(b) for b in d.buckets))
-                if self.otel_hist is not None:
-                    s.otel_hist = self.otel_hist
-                    s.otel_attrs = dict(zip(d.label_names, labels, strict=True))
             else:
                 s = Series()
             self.series[labels] = s
@@ -134,11 +125,7 @@ class MetricStore:
             if not fam.definition.per_engine:
                 continue
             for key in [k for k in fam.series if k[:n] == old]:
-                s = fam.series.pop(key)
-                full = new + key[n:]
-                fam.series[full] = s
-                if isinstance(s, HistSeries) and s.otel_attrs is not None:
-                    s.otel_attrs = dict(zip(fam.definition.label_names, full, strict=True))
+                fam.series[new + key[n:]] = fam.series.pop(key)
 
     def remove_engine(self, base: LabelValues) -> None:
         n = len(base)

@@ -1,12 +1,15 @@
 """The two views of the metric store: a prometheus_client Collector (for a dedicated
-CollectorRegistry, served on /metrics by the exporters) and OTel instruments on a MeterProvider
-(exported over OTLP by whatever MetricReader the provider has). Both are built from the metrics
-table; neither keeps values of its own except OTel histograms (see metric_store.py)."""
+CollectorRegistry, served on /metrics by the exporters) and OTel observable instruments on a
+MeterProvider (exported over OTLP by whatever MetricReader the provider has). Both are built
+from the metrics table and keep no values of their own. OTLP histograms are not instruments:
+the SDK has no observable histogram, so ``otel_histograms.py`` builds them from the store when
+a reader collects and merges them into what it exports."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 
+from opentelemetry import trace
 from opentelemetry.metrics import CallbackOptions, MeterProvider, Observation
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -56,7 +59,7 @@ class PrometheusView(Collector):
                         if ex is None:
                             buckets.append((le, acc))
                         else:
-                            buckets.append((le, acc, Exemplar(ex[0], ex[1])))
+                            buckets.append((le, acc, _prom_exemplar(*ex)))
                     mf.add_metric(list(labels), buckets, s.sum)  # type: ignore[attr-defined]
             else:
                 for labels, value in fam.values():
@@ -74,26 +77,25 @@ class PrometheusView(Collector):
         return HistogramMetricFamily(d.prom_name, d.help, labels=labels)
 
 
+def _prom_exemplar(span_context: trace.SpanContext, value: float, _wall_ns: int) -> Exemplar:
+    return Exemplar(
+        {
+            "trace_id": trace.format_trace_id(span_context.trace_id),
+            "span_id": trace.format_span_id(span_context.span_id),
+        },
+        value,
+    )
+
+
 def attach_otel(store: MetricStore, meter_provider: MeterProvider) -> None:
-    """Create the OTel instruments: observable gauges/counters reading the store, histograms
-    recorded by the store's HistSeries.observe (explicit buckets = the table's)."""
+    """Create the OTel observable gauges/counters reading the store. Histograms are not
+    instruments: ``otel_histograms.OtlpHistogramBridge`` adds them at collection time."""
     meter = meter_provider.get_meter(METER_NAME)
     for fam in store.families.values():
         d = fam.definition
-        if d.otlp_name is None:
+        if d.otlp_name is None or d.kind == HISTOGRAM:
             continue
-        if d.kind == HISTOGRAM:
-            fam.otel_hist = meter.create_histogram(
-                d.otlp_name,
-                unit=d.unit,
-                description=d.help,
-                explicit_bucket_boundaries_advisory=[float(b) for b in d.buckets or ()],
-            )
-            for labels, s in fam.series.items():
-                assert isinstance(s, HistSeries)
-                s.otel_hist = fam.otel_hist
-                s.otel_attrs = dict(zip(d.label_names, labels, strict=True))
-        elif d.kind == GAUGE:
+        if d.kind == GAUGE:
             meter.create_observable_gauge(
                 d.otlp_name, callbacks=[_callback(fam)], unit=d.unit, description=d.help
             )

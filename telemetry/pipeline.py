@@ -7,7 +7,9 @@
     pipeline.close()
 
 Exporters plug in around it: SpanProcessors on the TracerProvider, MetricReaders on the
-MeterProvider, the CollectorRegistry on /metrics, KvSinks via add_kv_sink.
+MeterProvider, the CollectorRegistry on /metrics, KvSinks via add_kv_sink. OTLP histograms reach
+only the metric exporters/readers made by the ``otel_histograms`` bridge given here (see
+otel_histograms.py: they are built from the store at collection time).
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ from dataclasses import dataclass
 
 from opentelemetry.metrics import MeterProvider
 from opentelemetry.sdk.metrics import MeterProvider as SdkMeterProvider
-from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -32,6 +33,7 @@ from schedscope.telemetry.ingest import IngestCounters, Received
 from schedscope.telemetry.kv_sinks import KvSink, ListKvSink
 from schedscope.telemetry.metric_store import EngineMetrics, MetricStore
 from schedscope.telemetry.metric_views import PrometheusView, attach_otel
+from schedscope.telemetry.otel_histograms import HistogramInMemoryReader, OtlpHistogramBridge
 
 
 class TelemetryPipeline:
@@ -44,9 +46,12 @@ class TelemetryPipeline:
         config: AssemblerConfig | None = None,
         kv_sinks: Iterable[KvSink] = (),
         max_engines: int = 1024,
+        otel_histograms: OtlpHistogramBridge | None = None,
     ) -> None:
-        """tracer_provider None: metrics only, no spans. meter_provider None: no OTLP metrics.
-        registry None: a new dedicated CollectorRegistry (never the global one)."""
+        """tracer_provider None: metrics only, no spans. meter_provider None: no OTLP gauges
+        or counters. otel_histograms: the bridge the metric exporters were wrapped with (it gets
+        this pipeline's store); None: no OTLP histograms. registry None: a new dedicated
+        CollectorRegistry (never the global one)."""
         self.tracer_provider = tracer_provider
         self.meter_provider = meter_provider
         self.registry = registry if registry is not None else CollectorRegistry()
@@ -56,6 +61,9 @@ class TelemetryPipeline:
         self.registry.register(PrometheusView(self.store))
         if meter_provider is not None:
             attach_otel(self.store, meter_provider)
+        self.otel_histograms = otel_histograms
+        if otel_histograms is not None:
+            otel_histograms.bind(self.store)
         self.kv_sinks: list[KvSink] = list(kv_sinks)
         self.engines: OrderedDict[str, EngineAssembler] = OrderedDict()
         self._closed = False
@@ -156,7 +164,7 @@ class InMemoryTelemetry:
 
     pipeline: TelemetryPipeline
     spans: InMemorySpanExporter
-    metric_reader: InMemoryMetricReader
+    metric_reader: HistogramInMemoryReader
     kv: ListKvSink
     tracer_provider: TracerProvider
     meter_provider: SdkMeterProvider
@@ -173,14 +181,21 @@ def in_memory_pipeline(
     tracing: bool = True,
 ) -> InMemoryTelemetry:
     """TelemetryPipeline with an InMemorySpanExporter (SimpleSpanProcessor: spans are there as
-    soon as they end), an InMemoryMetricReader and a ListKvSink."""
+    soon as they end), an InMemoryMetricReader that includes the OTLP histograms, and a
+    ListKvSink."""
     exporter = InMemorySpanExporter()
     tp = TracerProvider(resource=Resource.create({"service.name": service_name}))
     tp.add_span_processor(SimpleSpanProcessor(exporter))
-    reader = InMemoryMetricReader()
+    histograms = OtlpHistogramBridge()
+    reader = HistogramInMemoryReader(histograms)
     mp = SdkMeterProvider(metric_readers=[reader])
     kv = ListKvSink()
     pipeline = TelemetryPipeline(
-        tp if tracing else None, mp, CollectorRegistry(), config=config, kv_sinks=[kv]
+        tp if tracing else None,
+        mp,
+        CollectorRegistry(),
+        config=config,
+        kv_sinks=[kv],
+        otel_histograms=histograms,
     )
     return InMemoryTelemetry(pipeline, exporter, reader, kv, tp, mp)

@@ -107,7 +107,10 @@ def test_demo_writes_every_file_and_the_summary_matches_them(demo_run) -> None:
     spans = span_names(out / "traces.jsonl")
     slices = perfetto_slices(out / "timeline.perfetto.json")
     prom = prom_totals(out / "metrics.prom")
-    assert any("gen_throughput" in name for name in otlp_metric_names(out / "metrics.jsonl"))
+    otlp_names = otlp_metric_names(out / "metrics.jsonl")
+    assert any("gen_throughput" in name for name in otlp_names)
+    # histograms reach the sidecar's OTLP file too (built from the store at each export)
+    assert "gen_ai.server.time_to_first_token" in otlp_names
     state = json.loads((out / "sidecar.json").read_text())
     assert summary["pause_spans"] == spans["pause"] == slices["pause"] == 1
     assert summary["idle_spans"] == spans["idle"] == slices["idle"] >= 1
