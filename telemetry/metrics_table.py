@@ -117,13 +117,13 @@ METRICS: tuple[MetricDef, ...] = (
     _d("ttft", "sglang:time_to_first_token_seconds", "gen_ai.server.time_to_first_token",
        HISTOGRAM, "s", "Time to first token: ReqQueued -> ReqFirstToken.",
        buckets=TTFT_BUCKETS, sglang=S + " (no is_streaming label)"),
-    _d("itl", "sglang:inter_token_latency_seconds", None, HISTOGRAM, "s",
+    _d("itl", "sglang:inter_token_latency_seconds", "sglang.inter_token_latency", HISTOGRAM, "s",
        "Inter-token latency: per request and decode batch, time since the request's previous "
        "token (divided by tokens per step under speculative decoding).",
        buckets=ITL_BUCKETS, sglang=S,
-       note="Prometheus only: one observation per request per step, and an OTel SDK "
-       "histogram record costs ~15 µs; OTLP gets the per-request "
-       "gen_ai.server.time_per_output_token."),
+       note="OTLP histograms are built from the store at collection time, so per-token "
+       "observations cost no OTel SDK call; gen_ai.server.time_per_output_token is the "
+       "per-request view."),
     _d("tpot", "sglang:request_time_per_output_token_seconds",
        "gen_ai.server.time_per_output_token", HISTOGRAM, "s",
        "Per-request time per output token: (finish - first token) / (output tokens - 1).",

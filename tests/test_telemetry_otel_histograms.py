@@ -48,6 +48,7 @@ OTLP_HISTOGRAMS = {
     "gen_ai.server.time_per_output_token",
     "gen_ai.server.request.duration",
     "sglang.queue_time",
+    "sglang.inter_token_latency",
 }
 
 # (otlp name, attributes) -> the histogram as both views must show it
