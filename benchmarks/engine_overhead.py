@@ -1,10 +1,11 @@
 """Reference engine: telemetry on vs off, side by side in one run.
 
-Two identical engines in this process: one emits through a real Emitter to a real Ingest
-socket drained by another process, the other has a NullEmitter. They run the same workload in
-lock-step, one scheduler step each in alternating order, so drift (neighbours on shared cores,
-frequency changes) hits both alike. Reports tokens/s (over the time spent inside steps) and the
-mean decode step time of each, and their ratio.
+Three identical engines in this process: "on" emits through a real Emitter to a real Ingest
+socket drained by another process; "off" and "control" have a NullEmitter. They run the same
+workload in lock-step, one scheduler step each in rotating order, so drift (neighbours on
+shared cores, frequency changes) hits all alike. Reports tokens/s (over the time spent inside
+steps), the mean decode step time of each, the on/off ratio, and the control/off ratio: an A/A
+comparison of two identical engines, i.e. this machine's noise floor for the on/off figure.
 
     python benchmarks/engine_overhead.py [--repeats 20] [--requests 16] [--new-tokens 96]
         [--model tiny] [--device cpu] [--json out.json]
@@ -34,8 +35,8 @@ def receiver(endpoint: str, ready, stop) -> None:  # another process: the sideca
 
 
 def run_pair(engines: dict, prompts: list[str], sampling, flip: bool) -> dict[str, tuple]:
-    """Run the same workload on both engines in lock-step, alternating which one steps first,
-    so each on/off pair of steps is measured microseconds apart (drift cancels).
+    """Run the same workload on every engine in lock-step, rotating which one steps first (so
+    no engine always sits in the same position), each step microseconds apart: drift cancels.
 
     Returns per engine: generated tokens, summed step seconds, and every pure-decode step time.
     """
@@ -48,7 +49,8 @@ def run_pair(engines: dict, prompts: list[str], sampling, flip: bool) -> dict[st
     decode_steps: dict[str, list[float]] = {n: [] for n in names}
     i = 0
     while any(engines[n].scheduler.has_work() for n in names):
-        order = names if (i % 2 == 0) != flip else names[::-1]
+        k = (i + int(flip)) % len(names)
+        order = names[k:] + names[:k]
         i += 1
         for n in order:
             s = engines[n].scheduler
@@ -97,14 +99,18 @@ def main() -> None:
         page_size=16,
     )
     emitter = Emitter(engine_info(cfg), endpoint)
-    engines = {"on": Engine(cfg, emitter=emitter), "off": Engine(cfg, emitter=NullEmitter())}
+    engines = {
+        "on": Engine(cfg, emitter=emitter),
+        "off": Engine(cfg, emitter=NullEmitter()),
+        "control": Engine(cfg, emitter=NullEmitter()),
+    }
     time.sleep(0.3)  # let the PUSH socket connect
     sampling = SamplingParams(max_new_tokens=args.new_tokens, ignore_eos=True)
     prompts = [f"request {i}: " + "tell me about schedulers " * 3 for i in range(args.requests)]
     run_pair(engines, prompts, sampling, flip=False)  # warm-up; both caches end up equal
 
-    tps: dict[str, list[float]] = {"on": [], "off": []}
-    step_ms: dict[str, list[float]] = {"on": [], "off": []}
+    tps: dict[str, list[float]] = {n: [] for n in engines}
+    step_ms: dict[str, list[float]] = {n: [] for n in engines}
     for r in range(args.repeats):
         for name, (tokens, busy, steps) in run_pair(engines, prompts, sampling, r % 2 == 1).items():
             tps[name].append(tokens / busy)
@@ -119,6 +125,7 @@ def main() -> None:
     step_ratio = statistics.fmean(step_ms["on"]) / statistics.fmean(step_ms["off"])
     tps_ratio = statistics.fmean(tps["on"]) / statistics.fmean(tps["off"])
     pair_ratios = [a / b for a, b in zip(step_ms["on"], step_ms["off"], strict=True)]
+    control_ratio = statistics.fmean(step_ms["control"]) / statistics.fmean(step_ms["off"])
     out = {
         "device": args.device,
         "model": args.model,
@@ -131,6 +138,7 @@ def main() -> None:
         "decode_step_ms": {k: statistics.fmean(v) for k, v in step_ms.items()},
         "decode_step_ratio_on_off": step_ratio,
         "decode_step_ratio_median_pair": statistics.median(pair_ratios),
+        "decode_step_ratio_control_off": control_ratio,
         "tokens_per_s_ratio_on_off": tps_ratio,
         "emitter": {
             "sent_messages": emitter.sent_messages,
@@ -143,11 +151,12 @@ def main() -> None:
         f"{args.requests} requests x {args.new_tokens} tokens, {args.repeats} repeats"
     )
     print(f"{'telemetry':<10} {'tokens/s':>10} {'decode step ms':>15}")
-    for k in ("off", "on"):
+    for k in ("off", "control", "on"):
         print(f"{k:<10} {out['tokens_per_s'][k]:>10.1f} {out['decode_step_ms'][k]:>15.3f}")
     print(
         f"on/off decode step time: {step_ratio:.4f} (median of pairs "
         f"{out['decode_step_ratio_median_pair']:.4f}), tokens/s: {tps_ratio:.4f}; "
+        f"A/A control/off: {control_ratio:.4f} (the noise floor); "
         f"emitter sent {emitter.sent_events} events in {emitter.sent_messages} messages, "
         f"dropped {emitter.dropped_messages}"
     )
