@@ -323,6 +323,11 @@ def resolve(
         raw, source = _pick(opt, flags.get(key), env, file_values, config_path)
         if source == "default":
             value = (defaults or {}).get(key, opt.default)
+            if isinstance(value, str):  # the same parser as a string from env or file
+                try:
+                    value = opt.parse(value)
+                except ValueError as exc:
+                    raise CliError(_bad_value(command, opt, value, source, str(exc))) from None
         else:
             try:
                 value = opt.parse(raw)

@@ -27,13 +27,14 @@ from schedscope.telemetry.schema import decode_envelope
 SHORT = ["--requests", "9", "--concurrency", "3", "--max-new-tokens", "10"]
 
 
-def _schedscope(*args: str, timeout: float = 90, env: dict | None = None):
+def _schedscope(*args: str, timeout: float = 90, env: dict | None = None, cwd=None):
     return subprocess.run(
         [sys.executable, "-m", "schedscope", *args],
         capture_output=True,
         text=True,
         timeout=timeout,
         env=env,
+        cwd=cwd,
     )
 
 
@@ -83,14 +84,16 @@ def otlp_receiver():
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory: pytest.TempPathFactory, otlp_receiver: _OtlpHttpReceiver):
-    """One short demo for the module, exporting to a live OTLP receiver as well."""
-    out = tmp_path_factory.mktemp("demo") / "out"
+    """One short demo for the module, exporting to a live OTLP receiver as well. Run from a
+    fresh folder without --out-dir, as the README's first command does."""
+    cwd = tmp_path_factory.mktemp("demo")
+    out = cwd / "schedscope-out"
     env = {
         **os.environ,
         "OTEL_EXPORTER_OTLP_ENDPOINT": otlp_receiver.url,
         "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
     }
-    proc = _schedscope("demo", *SHORT, "--out-dir", str(out), "--device", "cpu", env=env)
+    proc = _schedscope("demo", *SHORT, "--device", "cpu", env=env, cwd=cwd)
     return out, proc
 
 

@@ -171,3 +171,15 @@ def test_the_cli_and_the_sidecar_side_import_no_torch() -> None:
         "sys.exit(1 if 'torch' in sys.modules else 0)\n"
     )
     assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
+
+
+@pytest.mark.parametrize("command", ["demo", "replay"])
+def test_default_out_dir_is_parsed_like_a_given_one(
+    command: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`schedscope demo` with no options (the README's first command) used the default
+    out_dir as a bare string and crashed; defaults go through the option's parser."""
+    monkeypatch.chdir(tmp_path)
+    s = load_settings(command, {}, None, environ={})
+    given = load_settings(command, {"out_dir": "elsewhere"}, None, environ={})
+    assert isinstance(s.out_dir, Path) and type(s.out_dir) is type(given.out_dir)
