@@ -71,7 +71,7 @@ def test_real_engine_batch_spans_have_exactly_its_forward_iters(
 
         assert wait_until(lambda: len(batch_spans()) >= len(tee.launched), 10)
         iters = sorted(s.attributes["schedscope.forward_iter"] for s in batch_spans())
-        assert len(tee.launched) > 12  # prefill + every decode step
+        assert len(tee.launched) >= 12  # a prefill, then a decode step per further token
         assert iters == sorted(tee.launched) == list(range(1, len(tee.launched) + 1))
         anomalies = t.pipeline.store.family("forward_iter_anomalies")
         assert sum(v for _, v in anomalies.values()) == 0
