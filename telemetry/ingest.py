@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 DEFAULT_QUEUE_SIZE = 10_000
+DEFAULT_MAX_QUEUED_EVENTS = 500_000  # decoded events waiting for processing (~100-200 MiB)
 DEFAULT_RCVHWM = 1_000  # frames buffered by ZMQ itself; with the queue, bounds memory
 
 
@@ -83,12 +84,15 @@ class Ingest:
         *,
         bind: bool = True,
         queue_size: int = DEFAULT_QUEUE_SIZE,
+        max_queued_events: int = DEFAULT_MAX_QUEUED_EVENTS,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         rcvhwm: int = DEFAULT_RCVHWM,
         context: zmq.Context | None = None,
     ) -> None:
         if queue_size < 1:
             raise ValueError("queue_size must be >= 1")
+        if max_queued_events < 1:
+            raise ValueError("max_queued_events must be >= 1")
         if max_message_bytes < 1024:
             raise ValueError("max_message_bytes must be >= 1024")
         self.endpoint = endpoint
@@ -96,6 +100,10 @@ class Ingest:
         self.max_message_bytes = max_message_bytes
         self.counters = IngestCounters()
         self.queue: queue.Queue[Received] = queue.Queue(maxsize=queue_size)
+        # Frames vary from 1 to ~1,000 events: memory is bounded by events queued, not frames.
+        self.max_queued_events = max_queued_events
+        self._queued_events = 0
+        self._queued_lock = threading.Lock()  # the receiving thread adds, the consumer takes
         self._owns_context = context is None
         self._ctx = context or zmq.Context()
         self._rcvhwm = rcvhwm
@@ -170,9 +178,11 @@ class Ingest:
 
     def get(self, timeout: float | None = None) -> Received | None:
         try:
-            return self.queue.get(timeout=timeout)
+            item = self.queue.get(timeout=timeout)
         except queue.Empty:
             return None
+        self._taken(len(item.frame.events))
+        return item
 
     def drain(self, max_items: int = 10_000) -> list[Received]:
         out: list[Received] = []
@@ -181,7 +191,16 @@ class Ingest:
                 out.append(self.queue.get_nowait())
             except queue.Empty:
                 break
+        self._taken(sum(len(r.frame.events) for r in out))
         return out
+
+    @property
+    def queued_events(self) -> int:
+        return self._queued_events
+
+    def _taken(self, n: int) -> None:
+        with self._queued_lock:
+            self._queued_events -= n
 
     # -- receiving thread ----------------------------------------------------------------
 
@@ -266,12 +285,20 @@ class Ingest:
             c.rejected_events += frame.rejected_events
             c.unknown_events += frame.unknown_events
             c.last_error = frame.errors[-1]
-        c.events_received += len(frame.events)
-        try:
-            self.queue.put_nowait(Received(frame, time.time_ns()))
-        except queue.Full:
+        n = len(frame.events)
+        c.events_received += n
+        with self._queued_lock:
+            # An empty queue takes any frame (its size is bounded by max_message_bytes).
+            fits = self._queued_events == 0 or self._queued_events + n <= self.max_queued_events
+            if fits:
+                try:
+                    self.queue.put_nowait(Received(frame, time.time_ns()))
+                    self._queued_events += n
+                except queue.Full:
+                    fits = False
+        if not fits:
             c.queue_dropped_frames += 1
-            c.queue_dropped_events += len(frame.events)
+            c.queue_dropped_events += n
         return frame
 
 

@@ -406,3 +406,25 @@ def test_handler_errors_are_counted_not_fatal(ipc_endpoint, wait_until):
 def test_second_sidecar_on_a_live_ipc_endpoint_is_refused(sidecar, ipc_endpoint):
     with pytest.raises(OSError, match="already in use"):
         Ingest(ipc_endpoint).start()
+
+
+def test_ingest_queue_is_bounded_in_events_not_only_frames(ipc_endpoint: str) -> None:
+    """Frames carry 1 to ~1,000 events: memory is bounded by the events waiting, and what
+    does not fit is dropped and counted, frames and events."""
+    ingest = Ingest(ipc_endpoint, queue_size=100, max_queued_events=10)  # not started
+    four = [s.IdleBegin(ts=i) for i in range(4)]
+    for seq in range(3):
+        ingest.accept(s.encode_envelope("e", seq, four))
+    c = ingest.counters
+    assert ingest.queued_events == 8
+    assert (c.queue_dropped_frames, c.queue_dropped_events) == (1, 4)
+    assert ingest.get(timeout=0) is not None  # the consumer takes one: room again
+    assert ingest.queued_events == 4
+    ingest.accept(s.encode_envelope("e", 3, four))
+    assert ingest.queued_events == 8 and c.queue_dropped_frames == 1
+    assert len(ingest.drain()) == 2 and ingest.queued_events == 0
+    # An empty queue takes any one frame, however many events (its bytes are capped).
+    ingest.accept(s.encode_envelope("e", 4, four * 5))
+    assert ingest.queued_events == 20
+    with pytest.raises(ValueError, match="max_queued_events"):
+        Ingest(ipc_endpoint, max_queued_events=0)
