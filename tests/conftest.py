@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import socket
 import uuid
 from pathlib import Path
@@ -109,3 +111,13 @@ def sample_events(ts: int = 1_000) -> list:
 @pytest.fixture(name="sample_events")
 def _sample_events_fixture():
     return sample_events()
+
+
+def require_binary(name: str) -> str:
+    """Path of an external tool; skip without it, but fail in CI (.ci/run installs it)."""
+    path = shutil.which(name)
+    if path:
+        return path
+    if os.environ.get("CI", "").lower() not in ("", "0", "false"):
+        pytest.fail(f"{name} is not installed, and CI is set: .ci/run installs Debian's package")
+    pytest.skip(f"{name} is not installed (apt-get install prometheus)")

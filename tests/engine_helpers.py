@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from schedscope.engine.config import EngineConfig
 from schedscope.engine.engine import Engine
-from schedscope.telemetry.schema import Event
+from schedscope.telemetry.schema import Event, KvEvents
 
 
 class RecordingEmitter:
@@ -32,6 +32,10 @@ class RecordingEmitter:
 
     def of(self, cls: type) -> list:
         return [e for e in self.events if isinstance(e, cls)]
+
+    def kv_events(self) -> list:
+        """Every KV block event, in order, across the KvEvents batches."""
+        return [k for e in self.of(KvEvents) for k in e.events]
 
 
 def tiny_engine(emitter=None, **overrides) -> Engine:

@@ -7,14 +7,10 @@ should and stays quiet when it should not.
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
-
-import pytest
 
 from schedscope.dashboards import DASHBOARDS_DIR
 from schedscope.dashboards.alerting import rule_groups
@@ -29,16 +25,9 @@ from schedscope.dashboards.promql import (
 )
 from schedscope.dashboards.rules import Alert
 
+from .conftest import require_binary
+
 DASHBOARD: dict[str, Any] = json.loads(DASHBOARD_FILE.read_text(encoding="utf-8"))
-
-
-def require_binary(name: str) -> str:
-    path = shutil.which(name)
-    if path:
-        return path
-    if os.environ.get("CI", "").lower() not in ("", "0", "false"):
-        pytest.fail(f"{name} is not installed, and CI is set: .ci/run installs Debian's package")
-    pytest.skip(f"{name} is not installed (apt-get install prometheus)")
 
 
 # --- generated files ---------------------------------------------------------------------

@@ -11,8 +11,6 @@ import contextlib
 import json
 import math
 import os
-import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -42,6 +40,9 @@ from schedscope.dashboards.promql import (
 )
 from schedscope.dashboards.sglang_queries import SGLANG_QUERIES
 
+from .conftest import free_tcp_port as free_port
+from .conftest import require_binary
+
 pytestmark = pytest.mark.slow
 
 SCRAPE_INTERVAL_S = 1
@@ -51,21 +52,6 @@ RATE_INTERVAL = "4s"  # Grafana's $__rate_interval floor: 4 x the scrape interva
 # ---------------------------------------------------------------------------------------------
 # Harness: a real Prometheus on loopback
 # ---------------------------------------------------------------------------------------------
-
-
-def require_binary(name: str) -> str:
-    path = shutil.which(name)
-    if path:
-        return path
-    if os.environ.get("CI", "").lower() not in ("", "0", "false"):
-        pytest.fail(f"{name} is not installed, and CI is set: .ci/run installs Debian's package")
-    pytest.skip(f"{name} is not installed (apt-get install prometheus)")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class PromQLError(AssertionError):

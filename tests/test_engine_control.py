@@ -18,7 +18,6 @@ from schedscope.engine.control_errors import (
     StateKeyError,
     WeightsMismatchError,
 )
-from schedscope.engine.emitter import NullEmitter
 from schedscope.engine.runner import GenerateInput, TokenUpdate
 from schedscope.engine.sampling import SamplingParams
 from schedscope.telemetry.schema import (
@@ -39,28 +38,7 @@ from schedscope.telemetry.schema import (
     WeightsUpdateEnd,
 )
 
-
-class RecordingEmitter(NullEmitter):
-    """Keeps every event; counts flushes (the seeds say when the engine must flush)."""
-
-    enabled = True
-    engine_id = "test"
-
-    def __init__(self) -> None:
-        self.events: list = []
-        self.flushes = 0
-
-    def emit(self, event) -> None:
-        self.events.append(event)
-
-    def flush(self) -> None:
-        self.flushes += 1
-
-    def of(self, cls) -> list:
-        return [e for e in self.events if isinstance(e, cls)]
-
-    def kv_events(self) -> list:
-        return [k for e in self.of(KvEvents) for k in e.events]
+from .engine_helpers import RecordingEmitter
 
 
 def make_engine(**cfg) -> tuple[ControlledEngine, RecordingEmitter]:

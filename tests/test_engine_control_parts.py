@@ -14,7 +14,6 @@ from schedscope.engine.control_errors import (
     ProfileNotRunningError,
     WeightsMismatchError,
 )
-from schedscope.engine.emitter import NullEmitter
 from schedscope.engine.idle import IdleTracker, PoolSnapshot, check_memory
 from schedscope.engine.inbox import Inbox
 from schedscope.engine.offload import EvictedPage, KvOffloader
@@ -31,19 +30,7 @@ from schedscope.telemetry.schema import (
     ProfileEnd,
 )
 
-
-class RecordingEmitter(NullEmitter):
-    enabled = True
-
-    def __init__(self) -> None:
-        self.events: list = []
-        self.flushes = 0
-
-    def emit(self, event) -> None:
-        self.events.append(event)
-
-    def flush(self) -> None:
-        self.flushes += 1
+from .engine_helpers import RecordingEmitter
 
 
 def test_inbox_wakes_a_blocked_waiter_and_keeps_order():

@@ -4,7 +4,6 @@ the scheduler on its own thread — SGLang's native API, as its clients speak it
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 
@@ -17,26 +16,11 @@ from safetensors.torch import save_file
 
 from schedscope.engine.config import EngineConfig
 from schedscope.engine.control import ControlledEngine
-from schedscope.engine.emitter import NullEmitter
 from schedscope.engine.runner import EngineRunner
 from schedscope.engine.server import ServerSettings, check_bind, create_app
 
-
-class RecordingEmitter(NullEmitter):
-    enabled = True
-    engine_id = "http-test"
-
-    def __init__(self) -> None:
-        self.events: list = []
-
-    def emit(self, event) -> None:
-        self.events.append(event)  # list.append is atomic: safe to read from the test thread
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from .conftest import free_tcp_port
+from .engine_helpers import RecordingEmitter
 
 
 class Server:
@@ -45,7 +29,7 @@ class Server:
         cfg = EngineConfig(max_total_tokens=1024, max_running_requests=8)
         self.engine = ControlledEngine.create(cfg, emitter=self.emitter)
         self.runner = EngineRunner(self.engine).start()
-        self.settings = ServerSettings(port=_free_port())
+        self.settings = ServerSettings(port=free_tcp_port())
         config = uvicorn.Config(
             create_app(self.runner, self.settings),
             host="127.0.0.1",
@@ -362,7 +346,7 @@ def test_cli_refuses_non_loopback_without_token(capsys, monkeypatch):
     from schedscope.main import run
 
     monkeypatch.delenv("SCHEDSCOPE_ADMIN_TOKEN", raising=False)
-    code = run(["engine", "serve", "--host", "0.0.0.0", "--port", str(_free_port())])
+    code = run(["engine", "serve", "--host", "0.0.0.0", "--port", str(free_tcp_port())])
     assert code == 2
     assert "admin token" in capsys.readouterr().err
 

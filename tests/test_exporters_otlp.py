@@ -8,9 +8,7 @@ counted; once the receiver is back, export resumes.
 
 from __future__ import annotations
 
-import socket
 import threading
-import time
 from concurrent import futures
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -24,11 +22,8 @@ from opentelemetry.trace import Link
 from schedscope.exporters.otlp import ExportConfig, build_meter_provider, build_tracer_provider
 from schedscope.exporters.stats import ExportStats
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from .conftest import free_tcp_port as free_port
+from .conftest import wait_until
 
 
 class Received:
@@ -135,15 +130,6 @@ class HttpReceiver:
     def stop(self) -> None:
         self.server.shutdown()
         self.server.server_close()
-
-
-def wait_until(cond, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.02)
-    return cond()
 
 
 def emit_scenario(tracer: trace.Tracer) -> dict[str, int]:
