@@ -126,40 +126,31 @@ def collect(quick: bool, out: Path) -> tuple[list[Figure], dict]:
         if quick
         else ["--repeats", "10", "--requests", "8", "--new-tokens", "48"]
     )
-    r = guarded(
-        "engine_overhead_cpu",
-        lambda: run_script("engine_overhead.py", [*eo_args, "--device", "cpu"], tmp, 600),
-        raw,
-    )
-    if r:
-        ratio = r["decode_step_ratio_on_off"]
-        figs.append(
-            Figure(
-                f"Reference engine decode step time, telemetry on / off (CPU, model {r['model']})",
-                f"{ratio:.4f} (median of pairs {r['decode_step_ratio_median_pair']:.4f}; "
-                f"A/A control of two telemetry-off engines {r['decode_step_ratio_control_off']:.4f})",
-                "≤ 1.01",
-                yes(ratio <= 1.01),
-                "engine_overhead.py",
-            )
-        )
-    if gpu_available():
+
+    def engine_overhead(device: str, label: str) -> None:
         r = guarded(
-            "engine_overhead_gpu",
-            lambda: run_script("engine_overhead.py", [*eo_args, "--device", "cuda"], tmp, 600),
+            f"engine_overhead_{device}",
+            lambda: run_script("engine_overhead.py", [*eo_args, "--device", device], tmp, 600),
             raw,
         )
         if r:
             ratio = r["decode_step_ratio_on_off"]
             figs.append(
                 Figure(
-                    "Reference engine decode step time, telemetry on / off (GPU)",
-                    f"{ratio:.4f}",
+                    f"Reference engine decode step time, telemetry on / off ({label}, "
+                    f"model {r['model']})",
+                    f"{ratio:.4f} (median of pairs {r['decode_step_ratio_median_pair']:.4f}; "
+                    "A/A control of two telemetry-off engines "
+                    f"{r['decode_step_ratio_control_off']:.4f})",
                     "≤ 1.01",
                     yes(ratio <= 1.01),
                     "engine_overhead.py",
                 )
             )
+
+    engine_overhead("cpu", "CPU")
+    if gpu_available():
+        engine_overhead("cuda", "GPU")
     else:
         figs.append(
             Figure(
