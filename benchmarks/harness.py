@@ -7,6 +7,7 @@ Nothing here asserts on time: callers poll for state and bound resources.
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import signal
@@ -17,6 +18,7 @@ import threading
 import time
 import urllib.request
 import uuid
+from collections import Counter
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -168,13 +170,14 @@ def metric_samples(text: str, name: str) -> list[tuple[dict[str, str], float]]:
 
 
 class OtlpHttpReceiver:
-    """Decodes ExportTraceServiceRequest bodies and counts spans. ``delay_s`` makes it slow;
-    ``stop()`` makes the port refuse connections (backend down); ``start()`` brings it back."""
+    """Decodes ExportTraceServiceRequest bodies (gzip or not) and counts spans, in total and by
+    name. ``delay_s`` makes it slow; ``stop()`` makes the port refuse connections (backend
+    down); ``start()`` brings it back."""
 
     def __init__(self, port: int | None = None) -> None:
         self.port = port or free_port()
         self.spans = 0
-        self.span_names: set[str] = set()
+        self.span_names: Counter[str] = Counter()
         self.metric_requests = 0
         self.delay_s = 0.0
         self._server: ThreadingHTTPServer | None = None
@@ -192,6 +195,8 @@ class OtlpHttpReceiver:
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                if self.headers.get("Content-Encoding") == "gzip":
+                    body = gzip.decompress(body)
                 if receiver.delay_s:
                     time.sleep(receiver.delay_s)
                 if self.path.endswith("/v1/traces"):

@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
 import socket
 import subprocess
 import sys
-import threading
-from collections import Counter
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -23,6 +19,8 @@ from schedscope.demo_report import (
 )
 from schedscope.telemetry.recording import RecordingReader
 from schedscope.telemetry.schema import decode_envelope
+
+from .reliability_support import OtlpHttpReceiver
 
 SHORT = ["--requests", "9", "--concurrency", "3", "--max-new-tokens", "10"]
 
@@ -38,59 +36,22 @@ def _schedscope(*args: str, timeout: float = 90, env: dict | None = None, cwd=No
     )
 
 
-class _OtlpHttpReceiver:
-    """A real OTLP/HTTP endpoint (protobuf), decoding with the official proto messages."""
-
-    def __init__(self) -> None:
-        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
-            ExportTraceServiceRequest,
-        )
-
-        self.spans: Counter[str] = Counter()
-        self.metric_posts = 0
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                if self.headers.get("Content-Encoding") == "gzip":
-                    body = gzip.decompress(body)
-                if self.path == "/v1/traces":
-                    req = ExportTraceServiceRequest.FromString(body)
-                    for rs in req.resource_spans:
-                        for ss in rs.scope_spans:
-                            receiver.spans.update(s.name for s in ss.spans)
-                else:
-                    receiver.metric_posts += 1
-                self.send_response(200)
-                self.send_header("Content-Type", "application/x-protobuf")
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-
 @pytest.fixture(scope="module")
 def otlp_receiver():
-    receiver = _OtlpHttpReceiver()
+    receiver = OtlpHttpReceiver().start()
     yield receiver
-    receiver.server.shutdown()
+    receiver.stop()
 
 
 @pytest.fixture(scope="module")
-def demo_run(tmp_path_factory: pytest.TempPathFactory, otlp_receiver: _OtlpHttpReceiver):
+def demo_run(tmp_path_factory: pytest.TempPathFactory, otlp_receiver: OtlpHttpReceiver):
     """One short demo for the module, exporting to a live OTLP receiver as well. Run from a
     fresh folder without --out-dir, as the README's first command does."""
     cwd = tmp_path_factory.mktemp("demo")
     out = cwd / "schedscope-out"
     env = {
         **os.environ,
-        "OTEL_EXPORTER_OTLP_ENDPOINT": otlp_receiver.url,
+        "OTEL_EXPORTER_OTLP_ENDPOINT": otlp_receiver.endpoint,
         "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
     }
     proc = _schedscope("demo", *SHORT, "--device", "cpu", env=env, cwd=cwd)
@@ -140,9 +101,9 @@ def test_demo_writes_every_file_and_the_summary_matches_them(demo_run) -> None:
 def test_demo_also_exports_to_the_otlp_endpoint(demo_run, otlp_receiver) -> None:
     out, proc = demo_run
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert otlp_receiver.spans == span_names(out / "traces.jsonl")  # the same spans, twice
-    assert otlp_receiver.spans["pause"] == 1 and otlp_receiver.spans["idle"] >= 1
-    assert otlp_receiver.metric_posts >= 1
+    assert otlp_receiver.span_names == span_names(out / "traces.jsonl")  # the same spans, twice
+    assert otlp_receiver.span_names["pause"] == 1 and otlp_receiver.span_names["idle"] >= 1
+    assert otlp_receiver.metric_requests >= 1
 
 
 def test_record_then_replay_gives_the_live_spans_and_metrics(demo_run, tmp_path: Path) -> None:
