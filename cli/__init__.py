@@ -1,3 +1,1 @@
-"""schedscope: observability sidecar and exporter for LLM-serving GPU schedulers."""
-
-__version__ = "0.1.0"
+"""The `schedscope` command line: one module per subcommand, `main.py` wires them."""

@@ -30,9 +30,9 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from schedscope.common import console, load_settings, make_out_dir, on_stop_signals
-from schedscope.options import config_flag, flag
-from schedscope.settings import CliError, Settings
+from schedscope.cli.common import console, load_settings, make_out_dir, on_stop_signals
+from schedscope.cli.options import config_flag, flag
+from schedscope.cli.settings import CliError, Settings
 
 PAUSE_S = 0.5  # how long the demo keeps the engine paused
 IDLE_S = 0.6  # how long it lets the engine sit fully idle before flushing the cache
@@ -93,7 +93,7 @@ def demo(
     if code != 0:
         raise CliError(f"the sidecar exited with status {code}", code=1)
 
-    from schedscope.demo_report import SUMMARY_FILE, build_summary
+    from schedscope.cli.demo_report import SUMMARY_FILE, build_summary
 
     summary = build_summary(out, workload)
     (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
@@ -161,7 +161,7 @@ class _SidecarProcess:
                 ) from None
 
     def start(self) -> None:
-        from schedscope.sidecar_app import STATE_FILE
+        from schedscope.cli.sidecar_app import STATE_FILE
 
         self._check_port_free()
         state_path = self.out / STATE_FILE

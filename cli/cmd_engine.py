@@ -14,7 +14,7 @@ from typing import Optional
 
 import typer
 
-from schedscope.settings import CliError, parse_host, parse_zmq_endpoint
+from schedscope.cli.settings import CliError, parse_host, parse_zmq_endpoint
 
 engine_app = typer.Typer(
     help="Run the reference engine (torch) and its HTTP API.",

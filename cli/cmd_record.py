@@ -13,9 +13,9 @@ from typing import Optional
 
 import typer
 
-from schedscope.common import console, load_settings, on_stop_signals
-from schedscope.options import config_flag, flag
-from schedscope.settings import CliError
+from schedscope.cli.common import console, load_settings, on_stop_signals
+from schedscope.cli.options import config_flag, flag
+from schedscope.cli.settings import CliError
 
 
 def register(app: typer.Typer) -> None:

@@ -13,9 +13,9 @@ from typing import Optional
 
 import typer
 
-from schedscope.common import console, load_settings, on_stop_signals
-from schedscope.options import config_flag, flag
-from schedscope.settings import CliError, parse_readable_file
+from schedscope.cli.common import console, load_settings, on_stop_signals
+from schedscope.cli.options import config_flag, flag
+from schedscope.cli.settings import CliError, parse_readable_file
 
 
 def register(app: typer.Typer) -> None:
@@ -52,7 +52,7 @@ def replay(
         raise CliError(f"cannot replay {file!r}: {exc}") from None
     s = load_settings("replay", flags, config)
 
-    from schedscope.sidecar_app import TICK_S, build_sidecar_app
+    from schedscope.cli.sidecar_app import TICK_S, build_sidecar_app
     from schedscope.telemetry.recording import RecordingError, RecordingReader, replay_into
 
     try:

@@ -18,8 +18,8 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from schedscope.common import load_settings, on_stop_signals
-from schedscope.options import config_flag, flag
+from schedscope.cli.common import load_settings, on_stop_signals
+from schedscope.cli.options import config_flag, flag
 from schedscope.telemetry.sidecar import Sidecar, Summary
 
 
@@ -71,7 +71,7 @@ def sidecar(
     flags["connect"] = None if bind is None else not bind
     s = load_settings("sidecar", flags, config)
 
-    from schedscope.sidecar_app import build_sidecar_app
+    from schedscope.cli.sidecar_app import build_sidecar_app
 
     app = build_sidecar_app(s).start()
     restore = on_stop_signals(app.stop)

@@ -11,8 +11,8 @@ from typing import Any
 
 from rich.console import Console
 
-from schedscope.options import ALL_KEYS, COMMAND_DEFAULTS, options_for
-from schedscope.settings import CliError, Settings, resolve
+from schedscope.cli.options import ALL_KEYS, COMMAND_DEFAULTS, options_for
+from schedscope.cli.settings import CliError, Settings, resolve
 
 console = Console(stderr=True, highlight=False, soft_wrap=True)
 

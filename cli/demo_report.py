@@ -12,7 +12,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from schedscope.sidecar_app import (
+from schedscope.cli.sidecar_app import (
     METRICS_FILE,
     PERFETTO_FILE,
     RECORDING_FILE,

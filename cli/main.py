@@ -17,7 +17,7 @@ except ImportError:  # older typer: plain click
     from click import exceptions as cx
 
 from schedscope import __version__
-from schedscope.settings import EXIT_USAGE, CliError
+from schedscope.cli.settings import EXIT_USAGE, CliError
 
 app = typer.Typer(
     name="schedscope",
@@ -57,9 +57,9 @@ def _register() -> None:
     _registered = True
     for name in COMMAND_MODULES:
         try:
-            module = importlib.import_module(f"schedscope.{name}")
+            module = importlib.import_module(f"schedscope.cli.{name}")
         except ModuleNotFoundError as exc:
-            if exc.name != f"schedscope.{name}":
+            if exc.name != f"schedscope.cli.{name}":
                 raise  # a real missing dependency inside the module: say so
             continue
         module.register(app)

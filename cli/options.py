@@ -11,7 +11,7 @@ from typing import Any
 
 import typer
 
-from schedscope.settings import (
+from schedscope.cli.settings import (
     Option,
     choice,
     parse_bool,

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from schedscope.settings import CliError, Settings
+from schedscope.cli.settings import CliError, Settings
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from schedscope.demo_report import (
+from schedscope.cli.demo_report import (
     otlp_metric_names,
     perfetto_slices,
     prom_totals,

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from schedscope.common import load_settings
-from schedscope.settings import CliError
+from schedscope.cli.common import load_settings
+from schedscope.cli.settings import CliError
 
 
 def _write(path: Path, text: str) -> Path:
@@ -123,7 +123,7 @@ def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     ],
 )
 def test_cli_bad_input_exits_nonzero_with_one_line(args: list[str], needle: str, capsys) -> None:
-    from schedscope.main import run
+    from schedscope.cli.main import run
 
     assert run(args) == 2  # in-process: an exception here would be the traceback
     err = capsys.readouterr().err
@@ -142,9 +142,9 @@ def test_every_catalog_option_is_a_flag_of_its_command(command: str) -> None:
     import importlib
     import inspect
 
-    from schedscope.options import COMMAND_OPTIONS
+    from schedscope.cli.options import COMMAND_OPTIONS
 
-    fn = getattr(importlib.import_module(f"schedscope.cmd_{command}"), command)
+    fn = getattr(importlib.import_module(f"schedscope.cli.cmd_{command}"), command)
     params = set(inspect.signature(fn).parameters)
     if "bind" in params:  # the sidecar's --bind/--connect is the `connect` option
         params.add("connect")
@@ -155,7 +155,7 @@ def test_every_catalog_option_is_a_flag_of_its_command(command: str) -> None:
 
 @pytest.mark.parametrize("command", ["demo", "sidecar", "record", "replay", "engine"])
 def test_help_renders(command: str, capsys) -> None:
-    from schedscope.main import run
+    from schedscope.cli.main import run
 
     assert run([command, "--help"]) == 0
     assert "Usage" in capsys.readouterr().out
@@ -165,9 +165,9 @@ def test_the_cli_and_the_sidecar_side_import_no_torch() -> None:
     """`schedscope sidecar/record/replay` start fast: only the engine commands pay for torch."""
     code = (
         "import sys\n"
-        "from schedscope.main import _register\n"
+        "from schedscope.cli.main import _register\n"
         "_register()\n"
-        "import schedscope.sidecar_app, schedscope.telemetry.recording, schedscope.demo_report\n"
+        "import schedscope.cli.sidecar_app, schedscope.telemetry.recording, schedscope.cli.demo_report\n"
         "sys.exit(1 if 'torch' in sys.modules else 0)\n"
     )
     assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0

@@ -13,7 +13,7 @@ import msgspec
 import pytest
 import zmq
 
-from schedscope.demo_report import prom_totals
+from schedscope.cli.demo_report import prom_totals
 from schedscope.exporters.kv_relay import KvRelay
 from schedscope.telemetry.kv_sinks import KvBatch
 from schedscope.telemetry.schema import BlockStored
@@ -74,8 +74,8 @@ def test_shutdown_backlog_past_the_deadline_is_counted_not_lost(
 ) -> None:
     """A flood's backlog must not hold the sidecar's exit: what is not processed before the
     drain deadline is counted as dropped by the sidecar's queue."""
-    from schedscope import sidecar_app
-    from schedscope.common import load_settings
+    from schedscope.cli import sidecar_app
+    from schedscope.cli.common import load_settings
     from schedscope.telemetry.schema import IdleBegin, encode_envelope
 
     flags = {"endpoint": ipc_endpoint, "out_dir": str(tmp_path), "prometheus_port": 0}

@@ -343,7 +343,7 @@ def test_admin_token_required_off_loopback(server):
 
 
 def test_cli_refuses_non_loopback_without_token(capsys, monkeypatch):
-    from schedscope.main import run
+    from schedscope.cli.main import run
 
     monkeypatch.delenv("SCHEDSCOPE_ADMIN_TOKEN", raising=False)
     code = run(["engine", "serve", "--host", "0.0.0.0", "--port", str(free_tcp_port())])

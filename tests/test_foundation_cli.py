@@ -21,7 +21,7 @@ TORCH_FREE = [
     "schedscope.telemetry.engines",
     "schedscope.telemetry.sidecar",
     "schedscope.engine.emitter",
-    "schedscope.cmd_sidecar",
+    "schedscope.cli.cmd_sidecar",
 ]
 
 

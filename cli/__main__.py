@@ -1,3 +1,0 @@
-from schedscope.main import main
-
-main()

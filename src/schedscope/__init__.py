@@ -1,0 +1,3 @@
+"""schedscope: observability sidecar and exporter for LLM-serving GPU schedulers."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,3 @@
+from schedscope.cli.main import main
+
+main()
