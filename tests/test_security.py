@@ -112,9 +112,9 @@ def test_every_network_receiving_zmq_socket_sets_maxmsgsize() -> None:
 
 
 def test_defaults_are_loopback_or_local() -> None:
+    from schedscope.cli.options import OPTIONS
     from schedscope.exporters import prometheus
     from schedscope.exporters.kv_wire import KvEventsConfig
-    from schedscope.cli.options import OPTIONS
     from schedscope.telemetry.schema import DEFAULT_ENDPOINT
 
     assert DEFAULT_ENDPOINT.startswith("ipc://")  # raw events: a local socket file
