@@ -31,6 +31,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from schedscope.cli.common import console, load_settings, make_out_dir, on_stop_signals
+from schedscope.cli.engine_checks import check_device, check_model, require_engine
 from schedscope.cli.options import config_flag, flag
 from schedscope.cli.settings import CliError, Settings
 
@@ -73,6 +74,11 @@ def demo(
 ) -> None:
     """Run engine + sidecar + a workload; write a timeline, OTLP files, metrics, a recording."""
     s = load_settings("demo", locals(), config)
+    # Everything checked before the sidecar process starts: a bad value is one line.
+    require_engine("schedscope demo")
+    check_model("schedscope demo", s.model)
+    console.print("loading torch...", style="dim")
+    check_device("schedscope demo", s.device)
     out = make_out_dir(s.out_dir.resolve(), "demo")
     # ipc paths must stay short (sun_path): /tmp, not the output folder.
     endpoint = f"ipc://{tempfile.gettempdir()}/schedscope-demo-{os.getpid()}.sock"

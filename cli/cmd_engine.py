@@ -14,6 +14,7 @@ from typing import Optional
 
 import typer
 
+from schedscope.cli.engine_checks import check_device, check_model, require_engine
 from schedscope.cli.settings import CliError, parse_host, parse_zmq_endpoint
 
 engine_app = typer.Typer(
@@ -73,6 +74,7 @@ def serve(
     log_level: str = typer.Option("warning", "--log-level", help="debug, info, warning, error."),
 ) -> None:
     """Serve the reference engine: POST /generate, /pause_generation, /flush_cache, ..."""
+    require_engine("schedscope engine serve", server=True)
     try:
         parse_host(host)
         if endpoint:
@@ -83,6 +85,8 @@ def serve(
         raise CliError("schedscope engine serve: --device: expected one of auto, cpu, cuda")
     if log_level not in ("debug", "info", "warning", "error"):
         raise CliError("schedscope engine serve: --log-level: expected debug, info, warning, error")
+    check_model("schedscope engine serve", model, model_path)
+    check_device("schedscope engine serve", device)
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
 
     from schedscope.engine.server import ServerSettings, check_bind
@@ -111,8 +115,14 @@ def serve(
     )
     try:
         engine = ControlledEngine.create(cfg, endpoint=endpoint, telemetry=not no_telemetry)
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+    except (ValueError, KeyError, OSError, RuntimeError) as exc:
+        # A checkpoint that lacks a tensor, or one whose shapes do not fit the config, is only
+        # known once the model is built (SafetensorError is a subclass of Exception only).
         raise CliError(f"schedscope engine serve: {exc}") from None
+    except Exception as exc:
+        if type(exc).__name__ != "SafetensorError":
+            raise
+        raise CliError(f"schedscope engine serve: --model-path: {exc}") from None
     runner = EngineRunner(engine).start()
     typer.echo(
         f"schedscope engine: model {engine.model_name} on {engine.device}, "

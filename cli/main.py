@@ -41,7 +41,12 @@ def _version(value: bool) -> None:
 @app.callback()
 def _root(
     version: bool = typer.Option(
-        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+        False,
+        "--version",
+        "-V",
+        callback=_version,
+        is_eager=True,
+        help="Print the version and exit.",
     ),
 ) -> None:
     """schedscope: raw scheduler events in; OpenTelemetry, Prometheus and KV streams out."""
@@ -76,6 +81,12 @@ def run(argv: list[str] | None = None, application: typer.Typer | None = None) -
     """Run the CLI (or ``application``) and return its exit status; errors are one line."""
     if application is None:
         _register()
+        args = sys.argv[1:] if argv is None else argv
+        # -V/--version anywhere (before `--`), on every subcommand too: no command runs then.
+        head = args[: args.index("--")] if "--" in args else args
+        if "-V" in head or "--version" in head:
+            sys.stdout.write(f"schedscope {__version__}\n")
+            return 0
     try:
         result = (application or app)(args=argv, prog_name="schedscope", standalone_mode=False)
     except CliError as exc:
