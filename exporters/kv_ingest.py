@@ -84,6 +84,7 @@ class KvIngest:
         self._connected = threading.Event()
         self._thread: threading.Thread | None = None
         self._dealer: zmq.Socket | None = None
+        self.dead = False  # the ingest thread died (logged and counted as thread_dead)
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -134,7 +135,17 @@ class KvIngest:
             while not self._stop.is_set():
                 if not sub.poll(100):
                     continue
-                self._on_frames(sub.recv_multipart())
+                frames = sub.recv_multipart()
+                try:
+                    self._on_frames(frames)
+                except Exception as exc:  # one input never stops the thread (issue 18)
+                    self.stats.add("kv_batches", self.name, "internal_error")
+                    _log.warn("internal", "error on one KV batch from %s: %r", self.endpoint, exc)
+        except Exception as exc:
+            # Not an input (those are caught above): say so loudly, never die silently.
+            self.dead = True
+            self.stats.add("kv_batches", self.name, "thread_dead")
+            _log.warn("dead", "KV ingest thread for %s died: %r", self.endpoint, exc)
         finally:
             sub.close(linger=0)
             if self._dealer is not None:
@@ -196,7 +207,7 @@ class KvIngest:
     def _deliver(self, seq: int, payload: bytes, replayed: bool) -> None:
         try:
             ts, raw_events, dp_rank = decode_payload(payload)
-        except (msgspec.DecodeError, ValueError, TypeError) as exc:
+        except (msgspec.DecodeError, ValueError, TypeError, RecursionError) as exc:
             self.stats.add("kv_batches", self.name, "malformed")
             _log.warn("payload", "malformed KV payload from %s: %s", self.endpoint, exc)
             return

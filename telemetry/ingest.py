@@ -45,7 +45,14 @@ class IngestCounters:
     bytes_received: int = 0
     events_received: int = 0
     bad_frames: dict[str, int] = field(
-        default_factory=lambda: {"malformed": 0, "schema_version": 0, "oversized": 0}
+        default_factory=lambda: {
+            "malformed": 0,
+            "schema_version": 0,
+            "oversized": 0,
+            "too_deep": 0,
+            "out_of_range": 0,
+            "internal_error": 0,  # an unexpected exception on one frame: counted, go on
+        }
     )
     rejected_events: int = 0  # unknown tag / invalid event inside an otherwise good frame
     unknown_events: int = 0  # the part of rejected_events with a tag this sidecar doesn't know
@@ -57,6 +64,8 @@ class IngestCounters:
     # that sent a frame over MAXMSGSIZE (libzmq does not say which).
     unexpected_disconnects: int = 0
     last_error: str = ""
+    # The receiving thread died (a bug, not an input): logged and shown here, never silent.
+    thread_dead: bool = False
 
     @property
     def bad_frames_total(self) -> int:
@@ -205,6 +214,18 @@ class Ingest:
     # -- receiving thread ----------------------------------------------------------------
 
     def _run(self) -> None:
+        try:
+            self._loop()
+        except Exception as exc:
+            self.counters.thread_dead = True
+            self.counters.last_error = f"ingest thread died: {exc!r}"
+            log.error("schedscope ingest thread died: %r", exc, exc_info=True)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def _loop(self) -> None:
         assert self._sock is not None and self._monitor is not None
         poller = zmq.Poller()
         poller.register(self._sock, zmq.POLLIN)
@@ -247,7 +268,12 @@ class Ingest:
             if len(parts) != 1:
                 self._count_bad("malformed", f"expected 1 ZMQ frame per message, got {len(parts)}")
                 continue
-            frame = self.accept(parts[0].buffer)
+            try:
+                frame = self.accept(parts[0].buffer)
+            except Exception as exc:  # one frame must never stop the thread (issue 18)
+                self._count_bad("internal_error", f"error on one frame: {exc!r}")
+                log.warning("error processing one frame: %r", exc)
+                continue
             if frame is not None:
                 # NOTE: SRCFD is deprecated in libzmq 4.3 but is the only way to know which
                 # connection a PULL message came from; -1 where unsupported (e.g. inproc).

@@ -13,7 +13,9 @@ Torch-free on purpose: both sides import it.
 
 from __future__ import annotations
 
+import math
 import os
+import re
 import tempfile
 from typing import Union
 
@@ -362,7 +364,7 @@ class FrameError(ValueError):
 
     def __init__(self, kind: str, message: str) -> None:
         super().__init__(message)
-        self.kind = kind  # "malformed" | "schema_version" | "oversized"
+        self.kind = kind  # "malformed" | "schema_version" | "oversized" | "too_deep" | ...
 
 
 _encoder = msgspec.msgpack.Encoder()
@@ -401,13 +403,39 @@ def decode_envelope(frame: bytes | memoryview) -> DecodedFrame:
     version). A frame whose events are mostly valid keeps them: each unknown or invalid event is
     dropped on its own and reported in ``rejected_events`` / ``unknown_events`` / ``errors``.
     """
-    try:  # fast path: the whole frame is valid
-        env = _envelope_decoder.decode(frame)
-        if env.schema_version == SCHEMA_VERSION and env.seq >= 0:
-            return DecodedFrame(env.engine_id, env.seq, env.events)
-    except _DECODE_ERRORS:
-        pass
-    return _decode_slow(frame)
+    try:
+        try:  # fast path: the whole frame is valid
+            env = _envelope_decoder.decode(frame)
+            ok = env.schema_version == SCHEMA_VERSION and 0 <= env.seq <= INT64_MAX
+            if ok and (_SUSPECT.search(frame) is None or all(map(_in_range, env.events))):
+                return DecodedFrame(env.engine_id, env.seq, env.events)
+        except _DECODE_ERRORS:
+            pass
+        return _decode_slow(frame)
+    except RecursionError:
+        # Deeply nested arrays: msgspec recurses per level (issue 18). Its own kind.
+        raise FrameError("too_deep", "malformed frame: nested too deeply") from None
+
+
+INT64_MAX = 2**63 - 1
+INT64_MIN = -(2**63)
+# The only msgpack encodings of an out-of-range value: uint64 with the top bit set, and a
+# float32/float64 with an all-ones exponent (inf/nan). No match: no field needs checking
+# (a match may be inside a string: then the events are checked one by one).
+_SUSPECT = re.compile(rb"\xcf[\x80-\xff]|\xcb[\x7f\xff][\xf0-\xff]|\xca[\x7f\xff][\x80-\xff]")
+
+
+def _in_range(value: object) -> bool:
+    """Every int fits int64 and every float is finite (downstream: OTLP, JSON, counters)."""
+    if type(value) is int:
+        return INT64_MIN <= value <= INT64_MAX  # type: ignore[operator]
+    if type(value) is float:
+        return math.isfinite(value)  # type: ignore[arg-type]
+    if isinstance(value, msgspec.Struct):
+        return all(_in_range(v) for v in msgspec.structs.astuple(value))
+    if isinstance(value, list | tuple):
+        return all(_in_range(v) for v in value)
+    return True
 
 
 def _decode_slow(frame: bytes | memoryview) -> DecodedFrame:
@@ -431,12 +459,14 @@ def _decode_slow(frame: bytes | memoryview) -> DecodedFrame:
         raise FrameError("malformed", f"malformed envelope: {exc}") from None
     if seq < 0:
         raise FrameError("malformed", f"negative seq {seq} from engine {engine_id!r}")
+    if seq > INT64_MAX:
+        raise FrameError("out_of_range", f"seq {seq} outside int64 from engine {engine_id!r}")
     events: list[Event] = []
     errors: list[str] = []
     unknown = 0
     for raw in raw_events:
         try:
-            events.append(_event_decoder.decode(raw))
+            ev = _event_decoder.decode(raw)
         except _DECODE_ERRORS as exc:
             tag = _event_tag(raw)
             if tag is not None and tag not in EVENT_TAGS:
@@ -444,6 +474,14 @@ def _decode_slow(frame: bytes | memoryview) -> DecodedFrame:
                 errors.append(f"unknown event tag {tag} from engine {engine_id!r}")
             else:
                 errors.append(f"invalid event (tag {tag}) from engine {engine_id!r}: {exc}")
+            continue
+        if _in_range(ev):
+            events.append(ev)
+        else:
+            errors.append(
+                f"event {type(ev).__name__} from engine {engine_id!r}: int outside int64 "
+                "or non-finite float"
+            )
     return DecodedFrame(engine_id, seq, events, len(errors), errors, unknown)
 
 

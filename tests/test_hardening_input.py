@@ -1,0 +1,91 @@
+"""Issue 18, the sidecar's input side: one frame (nested, out of range, forged seq) never kills
+a receiving thread, poisons a count or mutes an engine; everything refused is counted."""
+
+from __future__ import annotations
+
+import time
+
+import msgspec
+import zmq
+
+from schedscope.telemetry import schema as s
+from schedscope.telemetry.ingest import Ingest
+
+from .reliability_support import ipc_endpoint, wait_for
+from .test_fuzz_frames import _kv_ingest_survives, good_frame
+
+# ~1 KB: an envelope whose event list holds arrays nested 1,000 deep.
+NESTED_FRAME = b"\x94\x01\xa1e\x00" + b"\x91" * 1000 + b"\xc0"
+
+
+def _send_all(endpoint: str, frames: list[bytes]) -> None:
+    ctx = zmq.Context()
+    push = ctx.socket(zmq.PUSH)
+    push.setsockopt(zmq.LINGER, 1000)
+    push.connect(endpoint)
+    for f in frames:
+        push.send(f)
+    push.close()
+    ctx.term()
+
+
+def test_nested_frame_is_counted_and_the_thread_takes_the_next_good_frame() -> None:
+    with Ingest(ipc_endpoint("nested")) as ingest:
+        _send_all(ingest.bound_endpoint or "", [NESTED_FRAME, good_frame(seq=0)])
+        c = ingest.counters
+        assert wait_for(lambda: c.frames_received == 2, timeout=10)
+        assert c.bad_frames["too_deep"] == 1
+        assert ingest.alive and not c.thread_dead
+        got = ingest.get(timeout=1)
+        assert got is not None and got.frame.engine_id == "fuzz"
+
+
+class _BuggyIngest(Ingest):
+    """An ingest whose processing of one frame raises an unexpected exception."""
+
+    def accept(self, data: bytes | memoryview) -> s.DecodedFrame | None:
+        if bytes(data) == b"boom":
+            raise KeyError("a bug")
+        return super().accept(data)
+
+
+def test_any_exception_on_one_frame_is_counted_and_the_thread_goes_on() -> None:
+    with _BuggyIngest(ipc_endpoint("buggy")) as ingest:
+        _send_all(ingest.bound_endpoint or "", [b"boom", b"boom", good_frame(seq=0)])
+        c = ingest.counters
+        assert wait_for(lambda: ingest.queue.qsize() == 1, timeout=10)
+        assert c.bad_frames["internal_error"] == 2
+        assert ingest.alive
+
+
+def test_kv_ingest_survives_a_nested_payload() -> None:
+    nested = msgspec.msgpack.encode([time.time(), [], 0])[:-1] + b"\x91" * 1000 + b"\xc0"
+    after, alive = _kv_ingest_survives([nested, b"\x93" + b"\x91" * 2000])
+    assert alive and len(after) == 1
+
+
+def test_seq_outside_int64_is_refused_and_counted() -> None:
+    ingest = Ingest("inproc://unused")
+    assert ingest.accept(good_frame(seq=2**64 - 1)) is None
+    assert ingest.counters.bad_frames["out_of_range"] == 1
+    assert ingest.accept(good_frame(seq=1)) is not None
+
+
+def test_event_with_int_outside_int64_or_non_finite_float_is_rejected_alone() -> None:
+    events = [
+        s.ReqQueued(2**64 - 1, "r-bad-ts", 5),
+        s.BatchDone(3, 1, s.MODE_DECODE, None, s.DecodeStats(1, 6, 1, float("nan"), 0.1, 0)),
+        s.BatchDone(3, 1, s.MODE_DECODE, None, s.DecodeStats(1, 6, 1, 10.0, float("inf"), 0)),
+        s.ReqQueued(7, "r-good", 5),
+    ]
+    frame = s.decode_envelope(s.encode_envelope("e", 1, events))
+    assert [type(e).__name__ for e in frame.events] == ["ReqQueued"]
+    assert frame.events[0].ts == 7
+    assert frame.rejected_events == 3
+
+
+def test_emitter_stats_outside_int64_never_reach_the_registry() -> None:
+    ingest = Ingest("inproc://unused")
+    bad = s.EmitterStats(1, 2**64 - 1, 2**64 - 1, sent_messages=2**64 - 1)
+    frame = ingest.accept(s.encode_envelope("e", 0, [bad]))
+    assert frame is not None and frame.events == [] and ingest.counters.rejected_events == 1
