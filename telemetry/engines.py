@@ -24,6 +24,9 @@ from schedscope.telemetry.schema import (
 # identity shows up under a new engine_id is taken to have restarted. A live one is not: two
 # replicas on one host can share (model, ranks).
 DEFAULT_RESTART_STALE_S = 3.0
+# A seq gap larger than this from one frame to the next is not believed on one frame alone
+# (an emitter drops at most a few thousand messages a second; this is hours of drops).
+DEFAULT_MAX_SEQ_JUMP = 10_000_000
 
 
 @dataclass
@@ -43,6 +46,8 @@ class EngineRecord:
     engine_dropped_events: int = 0
     engine_sent_messages: int = 0
     engine_oversized_messages: int = 0
+    implausible_seq: int = 0  # frames refused for a seq jump past max_seq_jump
+    pending_jump_seq: int = -2  # seq of the last refused jump (its successor confirms it)
     saw_hello: bool = False
     shut_down: bool = False  # sent Shutdown: it exited on purpose
     last_seen_wall_ns: int = field(default_factory=time.time_ns)
@@ -78,18 +83,24 @@ class Observation:
     new_engine: bool = False
     gap: int = 0  # messages lost just before this one
     duplicate: bool = False  # seq already seen: caller should skip the frame
+    implausible: bool = False  # seq jumped implausibly far ahead: refused (caller skips)
     restarted: bool = False  # same engine_id re-sent a hello with a lower seq
     replaced: list[EngineRecord] = field(default_factory=list)  # older instances it replaces
 
 
 class EngineRegistry:
     def __init__(
-        self, max_engines: int = 1024, restart_stale_s: float = DEFAULT_RESTART_STALE_S
+        self,
+        max_engines: int = 1024,
+        restart_stale_s: float = DEFAULT_RESTART_STALE_S,
+        max_seq_jump: int = DEFAULT_MAX_SEQ_JUMP,
     ) -> None:
         if max_engines < 1:
             raise ValueError("max_engines must be >= 1")
         self.max_engines = max_engines
         self.restart_stale_ns = int(restart_stale_s * 1e9)
+        self.max_seq_jump = max_seq_jump
+        self.implausible_seq_total = 0
         self._engines: OrderedDict[str, EngineRecord] = OrderedDict()
         self.evicted_engines = 0
         self.lost_messages_total = 0
@@ -119,6 +130,16 @@ class EngineRegistry:
             self._engines.move_to_end(frame.engine_id)
             obs = Observation(record)
             expected = record.last_seq + 1
+            jump = frame.seq - expected
+            if jump > self.max_seq_jump and frame.seq != record.pending_jump_seq + 1:
+                # One forged frame with a huge seq would make every later real frame a
+                # "duplicate" (issue 18). Refuse it, counted; a real engine's next frame
+                # continues right after it, and then the jump is taken as a gap.
+                record.pending_jump_seq = frame.seq
+                record.implausible_seq += 1
+                self.implausible_seq_total += 1
+                obs.implausible = obs.duplicate = True  # the sidecar skips duplicates
+                return obs
             if frame.seq >= expected:
                 obs.gap = frame.seq - expected
             elif hello is not None:
@@ -127,6 +148,11 @@ class EngineRegistry:
                 obs.restarted = True
                 self.restarts_total += 1
                 record.shut_down = False
+            elif expected - frame.seq > self.max_seq_jump:
+                # Far behind: the frame we believed first was the forged one. Follow the
+                # engine's real seq again (no gap counted), counted.
+                record.implausible_seq += 1
+                self.implausible_seq_total += 1
             else:
                 obs.duplicate = True
                 record.out_of_order += 1

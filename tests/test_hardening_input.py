@@ -9,6 +9,7 @@ import msgspec
 import zmq
 
 from schedscope.telemetry import schema as s
+from schedscope.telemetry.engines import EngineRegistry
 from schedscope.telemetry.ingest import Ingest
 
 from .reliability_support import ipc_endpoint, wait_for
@@ -89,3 +90,38 @@ def test_emitter_stats_outside_int64_never_reach_the_registry() -> None:
     bad = s.EmitterStats(1, 2**64 - 1, 2**64 - 1, sent_messages=2**64 - 1)
     frame = ingest.accept(s.encode_envelope("e", 0, [bad]))
     assert frame is not None and frame.events == [] and ingest.counters.rejected_events == 1
+
+
+def _frame(engine_id: str, seq: int) -> s.DecodedFrame:
+    return s.decode_envelope(good_frame(seq=seq, engine_id=engine_id))
+
+
+def test_one_frame_with_a_huge_seq_does_not_mute_the_engine() -> None:
+    reg = EngineRegistry()
+    for seq in range(3):
+        assert not reg.observe(_frame("e", seq)).duplicate
+    forged = reg.observe(_frame("e", 2**62))
+    assert forged.duplicate and forged.implausible
+    for seq in range(3, 6):  # the engine's real frames go on being taken
+        obs = reg.observe(_frame("e", seq))
+        assert not obs.duplicate and obs.gap == 0
+    rec = reg.get("e")
+    assert rec is not None and rec.lost_messages == 0 and rec.implausible_seq == 1
+    assert reg.implausible_seq_total == 1
+
+
+def test_a_forged_first_frame_does_not_mute_the_engine() -> None:
+    reg = EngineRegistry()
+    reg.observe(_frame("e", 2**62))
+    obs = reg.observe(_frame("e", 5))
+    assert not obs.duplicate and obs.gap == 0
+    assert not reg.observe(_frame("e", 6)).duplicate
+    assert reg.implausible_seq_total == 1
+
+
+def test_a_real_big_jump_confirmed_by_the_next_frame_is_a_gap() -> None:
+    reg = EngineRegistry(max_seq_jump=100)
+    reg.observe(_frame("e", 0))
+    assert reg.observe(_frame("e", 1000)).implausible
+    obs = reg.observe(_frame("e", 1001))
+    assert not obs.duplicate and obs.gap == 1000
