@@ -113,3 +113,88 @@ def test_dev_extra_includes_engine_so_quick_start_still_runs_the_demo():
     ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
     # torch pinned first (the CPU wheel), then the dev extra, in that order.
     assert ci.index("pip install -q torch==2.13.0") < ci.index("pip install -q -e '.[dev]'")
+
+
+# -- the images and the Kubernetes manifest -------------------------------------------------
+
+
+def _dockerfile(name: str) -> dict:
+    """The instructions this test relies on: title label, EXPOSE, ENTRYPOINT, COPY sources."""
+    import json
+    import re
+
+    text = (ROOT / name).read_text(encoding="utf-8")
+    title = re.search(r'^LABEL org\.opencontainers\.image\.title="([^"]+)"', text, re.M)
+    entry = re.search(r"^ENTRYPOINT (\[.*\])$", text, re.M)
+    expose = [int(p) for line in re.findall(r"^EXPOSE (.+)$", text, re.M) for p in line.split()]
+    copies = re.findall(r"^COPY (\S+) ", text, re.M)
+    assert title and entry, name
+    return {
+        "title": title.group(1),
+        "entrypoint": json.loads(entry.group(1)),
+        "expose": expose,
+        "copies": copies,
+        "text": text,
+    }
+
+
+def _manifest_containers() -> dict[str, dict]:
+    import yaml
+
+    pod = yaml.safe_load((ROOT / "docs" / "kubernetes.yaml").read_text(encoding="utf-8"))
+    return {c["name"]: c for c in pod["spec"]["containers"]}
+
+
+@pytest.mark.parametrize(
+    ("container", "dockerfile", "command"),
+    [
+        ("schedscope-sidecar", "Dockerfile", ["schedscope", "sidecar"]),
+        ("engine", "Dockerfile.engine", ["schedscope", "engine", "serve"]),
+    ],
+)
+def test_manifest_matches_dockerfile(container, dockerfile, command):
+    image = _dockerfile(dockerfile)
+    c = _manifest_containers()[container]
+    # The image name's last path part, without the tag, is the Dockerfile's title.
+    assert c["image"].rsplit("/", 1)[-1].split(":")[0] == image["title"]
+    assert c["command"] == image["entrypoint"] == command
+    ports = [p["containerPort"] for p in c["ports"]]
+    assert ports and set(ports) <= set(image["expose"])
+    probe = c.get("readinessProbe", {}).get("httpGet", {}).get("port")
+    assert probe is None or probe in ports
+    # The port the container serves on is the one its arguments name.
+    assert str(ports[0]) in c["args"]
+    # Every folder the package maps is copied in (a missing one breaks `pip install .`).
+    package_dirs = {
+        d.split("/")[0] for d in _pyproject()["tool"]["setuptools"]["package-dir"].values()
+    }
+    assert package_dirs <= set(image["copies"])
+
+
+def test_sidecar_image_has_no_engine_extra():
+    text = _dockerfile("Dockerfile")["text"]
+    assert "pip install ." in text and "[engine]" not in text and "torch==" not in text
+    assert "[engine]" in _dockerfile("Dockerfile.engine")["text"]
+
+
+def test_sidecar_image_builds():
+    import shutil
+
+    docker = shutil.which("docker") or shutil.which("podman")
+    if docker is None:
+        pytest.skip("no container tool (docker/podman) on this machine")
+    info = subprocess.run([docker, "info"], capture_output=True, text=True, timeout=30)
+    if info.returncode != 0:
+        pytest.skip(f"{docker} has no daemon here: {info.stderr.strip().splitlines()[-1:]}")
+    tag = "schedscope-sidecar:test"
+    build = subprocess.run(
+        [docker, "build", "-q", "-t", tag, str(ROOT)], capture_output=True, text=True, timeout=900
+    )
+    assert build.returncode == 0, build.stderr[-2000:]
+    proc = subprocess.run(
+        [docker, "run", "--rm", "--entrypoint", "python", tag, "-c", "import torch"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode != 0 and "torch" in proc.stderr
