@@ -241,6 +241,16 @@ METRICS: tuple[MetricDef, ...] = (
        "schedscope.sidecar_queue.dropped_events", COUNTER, "{event}",
        "Events in frames dropped because the sidecar's queue was full.", per_engine=False,
        sglang="(none)"),
+    # issue 18: what the engine registry refused or forgot, and a receiving thread that died
+    _d("engines_evicted", "schedscope_engines_evicted_total", "schedscope.engines_evicted",
+       COUNTER, "{engine}", "Engines forgotten because more than max_engines were seen.",
+       per_engine=False, sglang="(none)"),
+    _d("implausible_seq", "schedscope_implausible_seq_total", "schedscope.implausible_seq",
+       COUNTER, "{message}", "Frames whose seq jumped implausibly far (refused or followed).",
+       per_engine=False, sglang="(none)"),
+    _d("ingest_thread_dead", "schedscope_ingest_thread_dead", "schedscope.ingest.thread_dead",
+       GAUGE, "1", "1 if the raw-event receiving thread died (see the log).", per_engine=False,
+       sglang="(none)"),
 )  # fmt: skip
 
 METRICS_BY_KEY: dict[str, MetricDef] = {m.key: m for m in METRICS}

@@ -28,7 +28,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from prometheus_client import CollectorRegistry
 
 from schedscope.telemetry.assembler import AssemblerConfig, EngineAssembler, engine_label_values
-from schedscope.telemetry.engines import Observation
+from schedscope.telemetry.engines import EngineRegistry, Observation
 from schedscope.telemetry.ingest import IngestCounters, Received
 from schedscope.telemetry.kv_sinks import KvSink, ListKvSink
 from schedscope.telemetry.metric_store import EngineMetrics, MetricStore
@@ -90,6 +90,13 @@ class TelemetryPipeline:
         f("ingest_rejected_events").provider = lambda: [((), counters.rejected_events)]
         f("sidecar_queue_dropped_frames").provider = lambda: [((), counters.queue_dropped_frames)]
         f("sidecar_queue_dropped_events").provider = lambda: [((), counters.queue_dropped_events)]
+        f("ingest_thread_dead").provider = lambda: [((), int(counters.thread_dead))]
+
+    def watch_registry(self, registry: EngineRegistry) -> None:
+        """Expose the engine registry's refusals and evictions (called by Sidecar)."""
+        f = self.store.family
+        f("engines_evicted").provider = lambda: [((), registry.evicted_engines)]
+        f("implausible_seq").provider = lambda: [((), registry.implausible_seq_total)]
 
     # -- the handler ---------------------------------------------------------------------------
 

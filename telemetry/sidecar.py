@@ -110,6 +110,9 @@ class Sidecar:
             self._tick = None
         else:
             raise TypeError(f"handler must have handle(received, observation): {handler!r}")
+        watch = getattr(handler, "watch_registry", None)
+        if watch is not None:  # the registry's counts on /metrics (issue 18)
+            watch(self.registry)
 
     # -- lifecycle -----------------------------------------------------------------------
 

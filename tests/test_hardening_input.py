@@ -125,3 +125,24 @@ def test_a_real_big_jump_confirmed_by_the_next_frame_is_a_gap() -> None:
     assert reg.observe(_frame("e", 1000)).implausible
     obs = reg.observe(_frame("e", 1001))
     assert not obs.duplicate and obs.gap == 1000
+
+
+def test_evicted_engines_and_implausible_seqs_are_on_metrics() -> None:
+    from prometheus_client import generate_latest
+
+    from schedscope.telemetry.pipeline import in_memory_pipeline
+    from schedscope.telemetry.sidecar import Sidecar
+
+    tel = in_memory_pipeline()
+    ingest = Ingest("inproc://unused")
+    sidecar = Sidecar(ingest, tel.pipeline, registry=EngineRegistry(max_engines=2))
+    tel.pipeline.watch_ingest(ingest.counters)
+    for name in ("a", "b", "c", "d"):
+        ingest.accept(good_frame(seq=0, engine_id=name))
+    ingest.accept(good_frame(seq=2**62, engine_id="d"))
+    while (got := ingest.get(timeout=0)) is not None:
+        sidecar.process_one(got)
+    text = generate_latest(tel.registry).decode()
+    assert "schedscope_engines_evicted_total 2.0" in text
+    assert "schedscope_implausible_seq_total 1.0" in text
+    assert "schedscope_ingest_thread_dead 0.0" in text
