@@ -19,6 +19,7 @@ from __future__ import annotations
 import errno
 import gzip
 import socket
+import sys
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -99,18 +100,58 @@ class MetricsServer:
         self.close()
 
 
+# Issue 18: idle connections held one thread and fd each, forever, until the process ran out
+# of fds. A connection must send its request within the timeout, and past the bound new
+# connections are closed at once (counted) instead of getting a thread.
+DEFAULT_READ_TIMEOUT_S = 10.0
+DEFAULT_MAX_CONNECTIONS = 64
+
+
 def serve_metrics(
-    registry: CollectorRegistry, port: int = DEFAULT_PORT, addr: str = DEFAULT_ADDR
+    registry: CollectorRegistry,
+    port: int = DEFAULT_PORT,
+    addr: str = DEFAULT_ADDR,
+    *,
+    read_timeout_s: float = DEFAULT_READ_TIMEOUT_S,
+    max_connections: int = DEFAULT_MAX_CONNECTIONS,
 ) -> MetricsServer:
     """Start serving ``registry`` on http://addr:port/metrics in a daemon thread."""
+    if not read_timeout_s > 0 or max_connections < 1:
+        raise ValueError("read_timeout_s must be > 0 and max_connections >= 1")
+    slots = threading.BoundedSemaphore(max_connections)
+
+    class Handler(_QuietHandler):
+        timeout = read_timeout_s  # socket timeout for every read and write
 
     class Server(ThreadingWSGIServer):
         address_family = socket.AF_INET6 if ":" in addr else socket.AF_INET
+        refused_connections = 0
+
+        def process_request(self, request: Any, client_address: Any) -> None:
+            if not slots.acquire(blocking=False):
+                type(self).refused_connections += 1
+                self.shutdown_request(request)
+                return
+            try:
+                super().process_request(request, client_address)
+            except BaseException:
+                slots.release()
+                raise
+
+        def handle_error(self, request: Any, client_address: Any) -> None:
+            exc = sys.exc_info()[1]
+            if isinstance(exc, OSError):  # a timed-out or vanished client: not an error here
+                return
+            super().handle_error(request, client_address)
+
+        def process_request_thread(self, request: Any, client_address: Any) -> None:
+            try:
+                super().process_request_thread(request, client_address)
+            finally:
+                slots.release()
 
     try:
-        server = make_server(
-            addr, port, make_metrics_app(registry), Server, handler_class=_QuietHandler
-        )
+        server = make_server(addr, port, make_metrics_app(registry), Server, handler_class=Handler)
     except OSError as exc:
         if exc.errno == errno.EADDRINUSE:
             raise MetricsPortInUseError(

@@ -146,3 +146,40 @@ def test_evicted_engines_and_implausible_seqs_are_on_metrics() -> None:
     assert "schedscope_engines_evicted_total 2.0" in text
     assert "schedscope_implausible_seq_total 1.0" in text
     assert "schedscope_ingest_thread_dead 0.0" in text
+
+
+def test_metrics_server_bounds_idle_connections_and_times_them_out() -> None:
+    import socket
+    import threading
+    import urllib.request
+
+    from prometheus_client import CollectorRegistry
+
+    from schedscope.exporters.prometheus import serve_metrics
+
+    before = threading.active_count()
+    srv = serve_metrics(CollectorRegistry(), port=0, read_timeout_s=1.0, max_connections=4)
+    idle = []
+    try:
+        for _ in range(40):  # idle: connect, never send a request
+            idle.append(socket.create_connection(("127.0.0.1", srv.port)))
+        assert threading.active_count() <= before + 1 + 4  # serve thread + the bound
+        # Every idle connection ends: past the bound closed by the server at once, within
+        # it by the read timeout (recv sees EOF either way); none holds a thread forever.
+        for sock in idle:
+            sock.settimeout(60)
+            assert sock.recv(1) == b""
+        assert srv._server.refused_connections >= 1
+
+        def scrape_ok() -> bool:
+            try:
+                with urllib.request.urlopen(srv.url, timeout=5) as r:
+                    return r.status == 200
+            except OSError:
+                return False
+
+        assert wait_for(scrape_ok, timeout=30)
+    finally:
+        for sock in idle:
+            sock.close()
+        srv.close()
