@@ -32,7 +32,7 @@ from rich.table import Table
 
 from schedscope.cli.common import console, load_settings, make_out_dir, on_stop_signals
 from schedscope.cli.engine_checks import check_device, check_model, require_engine
-from schedscope.cli.options import config_flag, flag
+from schedscope.cli.options import config_flag, flag, with_defaults
 from schedscope.cli.settings import CliError, Settings
 
 PAUSE_S = 0.5  # how long the demo keeps the engine paused
@@ -41,7 +41,7 @@ SIDECAR_START_TIMEOUT_S = 30.0
 
 
 def register(app: typer.Typer) -> None:
-    app.command("demo")(demo)
+    app.command("demo")(with_defaults("demo", demo))
 
 
 def demo(

@@ -14,12 +14,12 @@ from typing import Optional
 import typer
 
 from schedscope.cli.common import console, load_settings, on_stop_signals
-from schedscope.cli.options import config_flag, flag
+from schedscope.cli.options import config_flag, flag, with_defaults
 from schedscope.cli.settings import CliError, parse_readable_file
 
 
 def register(app: typer.Typer) -> None:
-    app.command("replay")(replay)
+    app.command("replay")(with_defaults("replay", replay))
 
 
 def replay(

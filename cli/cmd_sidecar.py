@@ -19,12 +19,12 @@ from rich.live import Live
 from rich.table import Table
 
 from schedscope.cli.common import load_settings, on_stop_signals
-from schedscope.cli.options import config_flag, flag
+from schedscope.cli.options import config_flag, flag, with_defaults
 from schedscope.telemetry.sidecar import Sidecar, Summary
 
 
 def register(app: typer.Typer) -> None:
-    app.command("sidecar")(sidecar)
+    app.command("sidecar")(with_defaults("sidecar", sidecar))
 
 
 def sidecar(
@@ -33,7 +33,7 @@ def sidecar(
         None,
         "--bind/--connect",
         help="Bind the endpoint (engines connect to it) or connect to an engine that binds. "
-        "[env: $SCHEDSCOPE_CONNECT]",
+        "(env: $SCHEDSCOPE_CONNECT)",
         show_default=False,
     ),
     queue_size: Optional[int] = flag("queue_size"),

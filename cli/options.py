@@ -18,6 +18,7 @@ from schedscope.cli.settings import (
     parse_connect_endpoint,
     parse_json_object,
     parse_optional_port,
+    parse_otlp_protocol,
     parse_positive_float,
     parse_positive_int,
     parse_size,
@@ -50,14 +51,16 @@ OPTIONS: dict[str, Option] = {
            "Largest raw-event frame accepted (bigger ones are refused and counted)."),
         # -- Prometheus -------------------------------------------------------------------
         _o("prometheus_host", parse_str, "127.0.0.1",
-           "Address /metrics binds to (loopback by default; 0.0.0.0 to be scraped remotely)."),
+           "Address /metrics binds to (loopback by default; 0.0.0.0 to be scraped remotely).",
+           ("OTEL_EXPORTER_PROMETHEUS_HOST",)),
         _o("prometheus_port", parse_optional_port, DEFAULT_PROMETHEUS_PORT,
-           "Port of /metrics; 0 picks a free port, 'off' disables the server."),
+           "Port of /metrics; 0 picks a free port, 'off' disables the server.",
+           ("OTEL_EXPORTER_PROMETHEUS_PORT",)),
         # -- OTLP -------------------------------------------------------------------------
         _o("otlp_endpoint", parse_url, None,
            "OTLP collector/Jaeger/Tempo URL (e.g. http://localhost:4317). Off when unset.",
            ("OTEL_EXPORTER_OTLP_ENDPOINT",)),
-        _o("otlp_protocol", choice("grpc", "http/protobuf"), None,
+        _o("otlp_protocol", parse_otlp_protocol, None,
            "OTLP protocol; default: http/protobuf for port 4318, grpc otherwise.",
            ("OTEL_EXPORTER_OTLP_PROTOCOL",)),
         _o("service_name", parse_str, None,
@@ -152,11 +155,51 @@ def flag(key: str, *, short: str | None = None) -> Any:
     names = [f"{opt.flag}/--no-{opt.flag[2:]}"] if opt.parse is parse_bool else [opt.flag]
     if short:
         names.append(short)
-    return typer.Option(None, *names, help=f"{opt.help} [env: {env}]", show_default=False)
+    # Parentheses, not [..]: typer's rich help takes square brackets for markup and drops them.
+    return typer.Option(None, *names, help=f"{opt.help} (env: {env})", show_default=False)
 
 
-CONFIG_FLAG_HELP = "TOML config file (keys = option names; see README). [env: $SCHEDSCOPE_CONFIG]"
+CONFIG_FLAG_HELP = "TOML config file (keys = option names; see README). (env: $SCHEDSCOPE_CONFIG)"
 
 
 def config_flag() -> Any:
     return typer.Option(None, "--config", help=CONFIG_FLAG_HELP, show_default=False)
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, int) and value >= 1024 and value % 1024 == 0:
+        for unit, n in (("G", 1024**3), ("M", 1024**2), ("K", 1024)):
+            if value % n == 0:
+                return f"{value // n}{unit}"
+    return str(value)
+
+
+def with_defaults(command: str, func: Any) -> Any:
+    """Write each option's default for ``command`` into its --help text. The typer defaults
+    stay None ("not given", so env and config can win); only the help changes."""
+    import inspect
+
+    from typer.models import OptionInfo
+
+    defaults = COMMAND_DEFAULTS.get(command, {})
+    for name, param in inspect.signature(func).parameters.items():
+        info = param.default
+        if (
+            not isinstance(info, OptionInfo)
+            or name not in OPTIONS
+            or "[default:" in (info.help or "")
+        ):
+            continue
+        value = defaults.get(name, OPTIONS[name].default)
+        if name == "prometheus_port" and value is None:
+            value = "off"
+        if value is None or value == "":
+            continue
+        info.help = (
+            f"{info.help[:-1]}; default: {_show(value)})"
+            if info.help.endswith(")")
+            else f"{info.help} (default: {_show(value)})"
+        )
+    return func

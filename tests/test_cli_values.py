@@ -184,3 +184,20 @@ def test_version_on_every_command(cmd, flag, capsys):
 
     assert run([*cmd, flag]) == 0
     assert capsys.readouterr().out == f"schedscope {__version__}\n"
+
+
+@pytest.mark.parametrize("cmd", COMMANDS)
+def test_help_shows_env_vars_and_defaults(cmd, capsys, monkeypatch):
+    from schedscope.cli.options import COMMAND_DEFAULTS, COMMAND_OPTIONS, OPTIONS
+
+    monkeypatch.setenv("COLUMNS", "400")  # one line per option, whatever the terminal
+    assert run([cmd, "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    shown = [k for k in COMMAND_OPTIONS[cmd] if f"--{k.replace('_', '-')} " in text]
+    assert len(shown) >= 4, text
+    for key in shown:
+        assert f"$SCHEDSCOPE_{key.upper()}" in text, key
+    for key in ("log_level", "out_dir" if cmd in ("demo", "replay") else "log_level"):
+        default = COMMAND_DEFAULTS[cmd].get(key, OPTIONS[key].default)
+        if default is not None:
+            assert f"default: {default}" in text, key
