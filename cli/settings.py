@@ -185,6 +185,18 @@ def choice(*allowed: str) -> Parser:
     return parse
 
 
+def parse_otlp_protocol(value: Any) -> str:
+    """OTEL_EXPORTER_OTLP_PROTOCOL's values; http/json gets its own line (no SDK exporter)."""
+    text = str(value).strip().lower()
+    if text == "http/json":
+        from schedscope.exporters.otlp import HTTP_JSON_UNSUPPORTED
+
+        raise ValueError(HTTP_JSON_UNSUPPORTED)
+    if text not in ("grpc", "http/protobuf"):
+        raise ValueError("expected one of grpc, http/protobuf")
+    return text
+
+
 def parse_json_object(value: Any) -> dict[str, Any]:
     """A JSON object (SGLang's --kv-events-config style); a TOML table is taken as is."""
     if isinstance(value, dict):

@@ -300,7 +300,6 @@ def build_sidecar_app(settings: Settings, *, live: bool = True) -> SidecarApp:
     from prometheus_client import CollectorRegistry
 
     from schedscope.exporters.otlp import (
-        ExportConfig,
         build_metric_readers,
         build_resource,
         build_span_processors,
@@ -317,10 +316,14 @@ def build_sidecar_app(settings: Settings, *, live: bool = True) -> SidecarApp:
     cmd = settings.command
     v = settings.values
     out_dir: Path | None = v.get("out_dir")
-    otlp_endpoint = v.get("otlp_endpoint")
+    config = _export_config(settings)
+    try:  # resolved once here so a bad OTEL_* value is one line, not a traceback later
+        otlp_on = bool(config.traces_endpoint_resolved() or config.metrics_endpoint_resolved())
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
     want_json = v.get("otlp_json")
     if want_json is None:  # the embedded default: files when nothing else receives the data
-        want_json = otlp_endpoint is None
+        want_json = not otlp_on
     if out_dir is None and (want_json or v.get("record")):
         out_dir = Path("schedscope-out")
     files: dict[str, Path] = {}
@@ -341,20 +344,9 @@ def build_sidecar_app(settings: Settings, *, live: bool = True) -> SidecarApp:
         for path in files.values():  # a re-run replaces, never appends to, the last run's files
             path.unlink(missing_ok=True)
 
-    protocol = v.get("otlp_protocol")
-    if otlp_endpoint and protocol is None:
-        protocol = "http/protobuf" if otlp_endpoint.rstrip("/").endswith(":4318") else "grpc"
-    config = ExportConfig(
-        endpoint=otlp_endpoint,
-        protocol=protocol,
-        service_name=v.get("service_name"),
-        file_dir=out_dir if want_json else None,
-        files_always=bool(want_json),
-        perfetto_path=files.get("perfetto"),
-    )
-    if not otlp_endpoint:
-        # Our settings decided already; don't let a stray OTEL_* variable add an exporter.
-        config.env = {k: val for k, val in os.environ.items() if "OTLP" not in k}
+    config.file_dir = out_dir if want_json else None
+    config.files_always = bool(want_json)
+    config.perfetto_path = files.get("perfetto")
     # Built from the exporters' public parts (not build_tracer_provider) so that close() can
     # shut the file exporters down before the remote ones.
     resource = build_resource(config)
@@ -435,6 +427,25 @@ def build_sidecar_app(settings: Settings, *, live: bool = True) -> SidecarApp:
                 f"{reason}; pick another port or 0 for a free one"
             ) from None
     return app
+
+
+def _export_config(settings: Settings) -> Any:
+    """The OTLP part of the settings. A value that came from a flag, $SCHEDSCOPE_* or the config
+    file is explicit and wins; one read from the standard OTEL_* variable is left to
+    ExportConfig and the SDK exporters, which apply the spec's order (per-signal variable over
+    the generic one), so OTEL_EXPORTER_OTLP_TRACES_ENDPOINT alone exports traces only."""
+    from schedscope.exporters.otlp import ExportConfig
+
+    v, src = settings.values, settings.sources
+
+    def explicit(key: str, otel_var: str) -> Any:
+        return None if src.get(key) == "$" + otel_var else v.get(key)
+
+    return ExportConfig(
+        endpoint=explicit("otlp_endpoint", "OTEL_EXPORTER_OTLP_ENDPOINT"),
+        protocol=explicit("otlp_protocol", "OTEL_EXPORTER_OTLP_PROTOCOL"),
+        service_name=v.get("service_name"),
+    )
 
 
 def _build_pipeline(

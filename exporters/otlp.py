@@ -69,6 +69,12 @@ DEFAULT_BSP_EXPORT_TIMEOUT_MS = 10_000.0
 DEFAULT_METRIC_EXPORT_INTERVAL_MS = 10_000.0
 DEFAULT_METRIC_EXPORT_TIMEOUT_MS = 10_000.0
 DEFAULT_SERVICE_NAME = "schedscope-sidecar"
+# The OpenTelemetry Python SDK ships no OTLP/HTTP JSON exporter; refuse it in one clear line
+# rather than sending protobuf to a receiver that expects JSON (or sending nothing).
+HTTP_JSON_UNSUPPORTED = (
+    "OTLP protocol 'http/json' is not supported (the OpenTelemetry Python SDK has no "
+    "http/json exporter): use 'grpc' or 'http/protobuf'"
+)
 
 
 @dataclass
@@ -125,17 +131,26 @@ class ExportConfig:
             return _with_signal_path(env_base, signal, protocol)
         return None
 
+    def signal_off(self, signal: str) -> bool:
+        """``OTEL_SDK_DISABLED=true`` or ``OTEL_{TRACES,METRICS}_EXPORTER=none`` (the spec's
+        meaning: no exporter for that signal, our OTLP JSON file included)."""
+        if (self._env("OTEL_SDK_DISABLED") or "").lower() == "true":
+            return True
+        chosen = (self._env(f"OTEL_{signal.upper()}_EXPORTER") or "").lower()
+        return [x.strip() for x in chosen.split(",")] == ["none"]
+
+    def _explicit_endpoint(self, signal: str) -> bool:
+        return bool(
+            (self.traces_endpoint if signal == "traces" else self.metrics_endpoint) or self.endpoint
+        )
+
     def traces_endpoint_resolved(self) -> str | None:
-        if (self._env("OTEL_TRACES_EXPORTER") or "").lower() == "none" and not (
-            self.traces_endpoint or self.endpoint
-        ):
+        if self.signal_off("traces") and not self._explicit_endpoint("traces"):
             return None
         return self._endpoint_for("traces")
 
     def metrics_endpoint_resolved(self) -> str | None:
-        if (self._env("OTEL_METRICS_EXPORTER") or "").lower() == "none" and not (
-            self.metrics_endpoint or self.endpoint
-        ):
+        if self.signal_off("metrics") and not self._explicit_endpoint("metrics"):
             return None
         return self._endpoint_for("metrics")
 
@@ -161,10 +176,7 @@ class ExportConfig:
         if raw in (PROTOCOL_HTTP, "http"):
             return PROTOCOL_HTTP
         if raw == "http/json":
-            logger.warning(
-                "OTLP http/json is not supported by the Python exporters; using %s", PROTOCOL_HTTP
-            )
-            return PROTOCOL_HTTP
+            raise ValueError(HTTP_JSON_UNSUPPORTED)
         raise ValueError(f"unknown OTLP protocol {raw!r}: use 'grpc' or 'http/protobuf'")
 
     def headers_for(self, signal: str) -> dict[str, str] | None:
@@ -440,7 +452,11 @@ def build_span_processors(
     otlp = make_otlp_span_exporter(config)
     if otlp is not None:
         exporters.append((_exporter_name("otlp", config, "traces"), otlp))
-    if config.file_dir is not None and (otlp is None or config.files_always):
+    if (
+        config.file_dir is not None
+        and (otlp is None or config.files_always)
+        and not config.signal_off("traces")
+    ):
         from schedscope.exporters.otlp_file import OtlpJsonFileSpanExporter
 
         path = Path(config.file_dir) / "traces.jsonl"
@@ -495,7 +511,11 @@ def build_metric_readers(
     if otlp is not None:
         name = _exporter_name("otlp", config, "metrics")
         exporters.append(CountingMetricExporter(otlp, name, config.stats, config.log_interval_s))
-    if config.file_dir is not None and (otlp is None or config.files_always):
+    if (
+        config.file_dir is not None
+        and (otlp is None or config.files_always)
+        and not config.signal_off("metrics")
+    ):
         from schedscope.exporters.otlp_file import OtlpJsonFileMetricExporter
 
         path = Path(config.file_dir) / "metrics.jsonl"
