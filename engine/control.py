@@ -103,6 +103,7 @@ class ControlledEngine:
         self._abort_msgs: dict[str, str] = {}
         self._arrivals = 0
         self.iterations = 0  # loop turns of serve(): an idle engine makes ~1 per second
+        self.step_failures = 0  # steps / inbox items that raised: their requests were aborted
         self.weight_version = 0
 
     @classmethod
@@ -244,10 +245,21 @@ class ControlledEngine:
         while not stop.is_set():
             self.iterations += 1
             for item in self.inbox.drain():
-                handle(item)
+                try:
+                    handle(item)
+                except Exception:  # one bad item must not end the loop for everyone
+                    self.step_failures += 1
+                    log.exception("inbox item %r failed", type(item).__name__)
             if stop.is_set():
                 break
-            if not self.run_once():
+            try:
+                ran = self.run_once()
+            except Exception as exc:
+                # NOTE: the loop survives one step's failure: the requests of that step end
+                # as aborted with the error as reason, everyone else keeps being served.
+                self._fail_step(exc)
+                ran = True
+            if not ran:
                 # NOTE: nothing ran (idle, paused, or blocked): sleep on the inbox socket
                 # instead of spinning (seed 003's IdleSleeper). Any submit, abort or command
                 # wakes it at once; the timeout only paces heartbeats (and CUDA offload polls).
@@ -334,6 +346,21 @@ class ControlledEngine:
         if self.emitter.enabled:
             self.emitter.emit(Resumed(ts=_now_ns()))
             self.emitter.flush()
+
+    def _fail_step(self, exc: Exception) -> None:
+        self.step_failures += 1
+        log.exception("scheduler step failed; aborting the requests it ran")
+        sched = self.scheduler
+        victims = list(sched.running)
+        if sched.chunked_req is not None:
+            victims.append(sched.chunked_req)
+        if sched.inflight is not None:
+            victims.extend(sched.inflight[0].reqs)
+            sched.inflight = None
+        reason = f"error: {type(exc).__name__}: {exc}"[:500]
+        for req in dict.fromkeys(victims):  # unique, in order
+            if not req.finished:
+                self._finish_now(req, reason)
 
     def _finish_now(self, req: Req, reason: str) -> None:
         sched = self.scheduler

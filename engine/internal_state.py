@@ -6,18 +6,26 @@ invalidate the KV pool or the request table. A change is checked whole before an
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from schedscope.engine.control_errors import StateKeyError
 
+_MAX_INT = 2**31 - 1
+
 # key -> (type, check, what is allowed)
 SAFE_KNOBS: dict[str, tuple[type, Callable[[Any], bool], str]] = {
-    "max_running_requests": (int, lambda v: v >= 1, "an integer >= 1"),
-    "max_prefill_tokens": (int, lambda v: v >= 1, "an integer >= 1"),
-    "chunked_prefill_size": (int, lambda v: v >= 1, "an integer >= 1 (or null: no chunking)"),
-    "decode_log_interval": (int, lambda v: v >= 1, "an integer >= 1"),
-    "kv_load_interval_s": (float, lambda v: v > 0, "a number > 0"),
+    "max_running_requests": (int, lambda v: 1 <= v <= _MAX_INT, "an integer >= 1"),
+    "max_prefill_tokens": (int, lambda v: 1 <= v <= _MAX_INT, "an integer in [1, 2**31)"),
+    "chunked_prefill_size": (
+        int,
+        lambda v: 1 <= v <= _MAX_INT,
+        "an integer in [1, 2**31) (or null: no chunking)",
+    ),
+    "decode_log_interval": (int, lambda v: 1 <= v <= _MAX_INT, "an integer in [1, 2**31)"),
+    # An hour at most: a huge interval overflows the nanosecond deadline arithmetic.
+    "kv_load_interval_s": (float, lambda v: 0 < v <= 3600, "a number in (0, 3600]"),
     "min_new_token_ratio": (float, lambda v: 0 <= v <= 1, "a number in [0, 1]"),
     "new_token_ratio_decay": (float, lambda v: 0 <= v <= 1, "a number in [0, 1]"),
 }
@@ -38,6 +46,12 @@ def parse_knobs(changes: Mapping[str, Any], *, max_running_rows: int) -> dict[st
             continue
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise StateKeyError(f"{key} must be {allowed}, got {value!r}")
+        try:
+            finite = math.isfinite(float(value))
+        except OverflowError:  # an int too large for a float
+            finite = False
+        if not finite:
+            raise StateKeyError(f"{key} must be {allowed} (finite), got {value!r}")
         if typ is int and not float(value).is_integer():
             raise StateKeyError(f"{key} must be {allowed}, got {value!r}")
         value = typ(value)

@@ -76,7 +76,12 @@ class EngineProfiler:
         if not acts:
             raise ControlError("no profiler activity available on this device (GPU only asked)")
         out = output_dir or os.environ.get(ENV_PROFILER_DIR) or tempfile.gettempdir()
-        Path(out).mkdir(parents=True, exist_ok=True)
+        try:
+            Path(out).mkdir(parents=True, exist_ok=True)
+            if not os.access(out, os.W_OK):
+                raise PermissionError(f"{out!r} is not writable")
+        except (OSError, ValueError) as exc:  # a bad path is the caller's error, not a crash
+            raise ControlError(f"output_dir {out!r} is not usable: {exc}") from None
         self._output_dir = out
         self._profile_id = f"{int(time.time())}-{uuid.uuid4().hex[:8]}"
         self._target_steps = num_steps

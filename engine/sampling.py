@@ -3,9 +3,26 @@ generator per request, so a request's tokens do not depend on what it was batche
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
+
+MAX_INT = 2**31 - 1
+MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed overflows past 2**64 - 1; keep int64
+# Below ~1e-5 logits / temperature overflows float32 to inf and softmax yields NaN.
+MIN_TEMPERATURE = 1e-5
+MAX_TEMPERATURE = 100.0
+
+
+def _finite(value: float, name: str) -> float:
+    try:
+        f = float(value)
+    except OverflowError:  # an int too large for a float
+        raise ValueError(f"{name} is out of range, got {value}") from None
+    if not math.isfinite(f):
+        raise ValueError(f"{name} must be a finite number, got {value}")
+    return f
 
 
 @dataclass
@@ -21,14 +38,24 @@ class SamplingParams:
     seed: int | None = None  # None: derived from the engine seed and the submission order
 
     def validate(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
+        # Every number comes from a client: check finiteness and range here, where it enters,
+        # so the sampler never sees NaN probabilities and manual_seed never overflows.
+        if not 1 <= self.max_new_tokens <= MAX_INT:
+            raise ValueError(f"max_new_tokens must be in [1, {MAX_INT}], got {self.max_new_tokens}")
+        temp = _finite(self.temperature, "temperature")
+        if temp != 0 and not MIN_TEMPERATURE <= temp <= MAX_TEMPERATURE:
+            raise ValueError(
+                f"temperature must be 0 (greedy) or in [{MIN_TEMPERATURE}, {MAX_TEMPERATURE}], "
+                f"got {self.temperature}"
+            )
+        if not 0 < _finite(self.top_p, "top_p") <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k == 0 or self.top_k < -1:
-            raise ValueError(f"top_k must be -1 or >= 1, got {self.top_k}")
+        if self.top_k == 0 or not -1 <= self.top_k <= MAX_INT:
+            raise ValueError(f"top_k must be -1 or in [1, {MAX_INT}], got {self.top_k}")
+        if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
+            raise ValueError(f"seed must be in [0, {MAX_SEED}], got {self.seed}")
+        if any(not 0 <= t <= MAX_INT for t in self.stop_token_ids):
+            raise ValueError(f"stop_token_ids must be in [0, {MAX_INT}]")
 
     @property
     def greedy(self) -> bool:

@@ -35,6 +35,7 @@ from schedscope.engine.sampling import SamplingParams
 ENV_ADMIN_TOKEN = "SCHEDSCOPE_ADMIN_TOKEN"
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 30000
+DEFAULT_MAX_BODY_BYTES = 1 << 20  # 1 MiB: far above any real prompt batch, far below harm
 
 _TRACEPARENT = re.compile(r"[0-9a-f]{2}-(?!0{32})[0-9a-f]{32}-(?!0{16})[0-9a-f]{16}-[0-9a-f]{2}")
 _SAMPLING_KEYS = {f.name for f in fields(SamplingParams)}
@@ -65,6 +66,8 @@ class ServerSettings:
     # Cap on one streaming request's wait for a token; the engine being paused is not an
     # error, so this is long.
     request_timeout_s: float = 3600.0
+    # Bodies past this are refused with 413 while reading, before they are held in memory.
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
 
     @property
     def requires_token(self) -> bool:
@@ -222,7 +225,7 @@ def create_app(runner: EngineRunner, settings: ServerSettings | None = None) -> 
             )
 
     async def body_of(request: Request, *, required: bool = True) -> dict[str, Any]:
-        raw = await request.body()
+        raw = await _read_capped(request, settings.max_body_bytes)
         if not raw.strip():
             if required:
                 raise ApiError("a JSON object body is required")
@@ -231,6 +234,8 @@ def create_app(runner: EngineRunner, settings: ServerSettings | None = None) -> 
             body = json.loads(raw)
         except ValueError as exc:  # JSONDecodeError, and UnicodeDecodeError for non-UTF-8
             raise ApiError(f"body is not valid JSON: {exc}") from None
+        except RecursionError:
+            raise ApiError("body is nested too deeply") from None
         if not isinstance(body, dict):
             raise ApiError("body must be a JSON object")
         return body
@@ -275,9 +280,17 @@ def create_app(runner: EngineRunner, settings: ServerSettings | None = None) -> 
             )
         handles = [start(i, ids) for i, ids in enumerate(prompts)]
         outs = []
+        done: set[str] = set()  # ended in the engine (or never entered it): never abort these
         try:
             for rid, queue in handles:
-                last = await _wait_final(queue, settings.request_timeout_s)
+                try:
+                    last = await _wait_final(queue, settings.request_timeout_s)
+                except ApiError:
+                    # NOTE: an error update means the engine already ended this rid, or never
+                    # took it (a duplicate rid names *another* client's request).
+                    done.add(rid)
+                    raise
+                done.add(rid)
                 outs.append(
                     {
                         "text": runner.tokenizer.decode(last.output_ids),
@@ -291,7 +304,8 @@ def create_app(runner: EngineRunner, settings: ServerSettings | None = None) -> 
             raise ApiError("request timed out", 504) from None
         except (asyncio.CancelledError, ApiError):
             for rid, _ in handles:  # the client went away, or one prompt failed
-                runner.abort(rid)
+                if rid not in done:
+                    runner.abort(rid)
             raise
         return _json(outs if batched else outs[0])
 
@@ -329,10 +343,24 @@ def create_app(runner: EngineRunner, settings: ServerSettings | None = None) -> 
     async def model_info() -> JSONResponse:
         return _json(runner.model_info())
 
-    async def server_info() -> JSONResponse:
+    async def server_info(request: Request) -> JSONResponse:
         info = dict(runner.server_info())
         info.update(host=settings.host, port=settings.port, version=__version__)
-        info["internal_states"] = [await runner.call(lambda eng: eng.get_internal_state())]
+        # The internal state is what /get_internal_state guards: only with the same token.
+        authorized = True
+        if settings.admin_token:
+            header = request.headers.get("authorization", "")
+            token = header[7:] if header.lower().startswith("bearer ") else ""
+            authorized = bool(token) and hmac.compare_digest(
+                token.encode(), settings.admin_token.encode()
+            )
+        if authorized:
+            try:
+                await admin(request)
+            except ApiError:
+                authorized = False
+        if authorized:
+            info["internal_states"] = [await runner.call(lambda eng: eng.get_internal_state())]
         return _json(info)
 
     app.get("/server_info")(server_info)
@@ -433,6 +461,20 @@ def create_app(runner: EngineRunner, settings: ServerSettings | None = None) -> 
     return app
 
 
+async def _read_capped(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise ApiError(f"request body too large: {declared} bytes > {limit}", 413)
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():  # a lying or absent Content-Length: count as we go
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(f"request body too large: more than {limit} bytes", 413)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
 def _float_query(request: Request, name: str, default: float) -> float:
     raw = request.query_params.get(name)
     if raw is None:
@@ -474,6 +516,7 @@ async def _stream(
                 )
                 break
             if update.error:
+                finished = True  # the engine ended it, or never took it (duplicate rid)
                 kind = "invalid_request" if update.error_code < 500 else "engine_error"
                 yield _frame(
                     {"error": {"message": update.error, "type": kind, "code": update.error_code}}
