@@ -84,6 +84,8 @@ def replay(
             should_stop=lambda: app.stopping,
             on_frame=on_frame,
         )
+    except RecordingError as exc:  # --speed / far-future times: one line (app closes below)
+        raise CliError(f"cannot replay {file!r}: {exc}", code=1) from None
     finally:
         state = app.close()
         restore()
@@ -96,3 +98,6 @@ def replay(
     )
     for name, p in app.files.items():
         console.print(f"  {name:<10} {p}")
+    if reader.damage:  # issue 18: a damaged recording is never a silent success
+        more = f" (+{len(reader.damage) - 3} more)" if len(reader.damage) > 3 else ""
+        raise CliError(f"damaged recording {file!r}: {'; '.join(reader.damage[:3])}{more}", code=1)

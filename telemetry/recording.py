@@ -21,6 +21,7 @@ Torch-free; only the processing/receiving thread that owns a writer may call it.
 from __future__ import annotations
 
 import json
+import math
 import struct
 import threading
 import time
@@ -38,6 +39,8 @@ MAGIC = b"\x89SSREC\r\n"  # PNG-style: a high byte and CRLF catch text-mode mang
 VERSION = 1
 KIND_RAW_EVENTS = 0  # one engine -> sidecar frame (the msgpack envelope)
 KIND_END = 255  # trailer with the writer's counts
+_FUTURE_SLACK_NS = 86_400 * 10**9  # a receive time more than a day ahead is damage
+_MAX_REALTIME_GAP_S = 86_400.0  # --realtime refuses to sleep longer than this for one gap
 
 _HEADER = struct.Struct("<8sHI")
 _RECORD = struct.Struct("<BIQ")
@@ -147,6 +150,9 @@ class RecordingReader:
         self.trailer: dict[str, Any] | None = None  # None: the writer never closed the file
         self.truncated_tail = False
         self.frames_read = 0
+        # What a damaged file made the reader skip or doubt, one line each (issue 18): a
+        # replay reports it and fails instead of claiming success.
+        self.damage: list[str] = []
         with open(self.path, "rb") as f:
             head = f.read(_HEADER.size)
             if len(head) < _HEADER.size or head[:8] != MAGIC:
@@ -161,8 +167,10 @@ class RecordingReader:
                 raise RecordingError(f"{self.path}: truncated header")
             try:
                 self.meta = json.loads(meta)
-            except ValueError:
+            except (ValueError, RecursionError):
                 raise RecordingError(f"{self.path}: corrupt header") from None
+            if not isinstance(self.meta, dict):
+                raise RecordingError(f"{self.path}: corrupt header (not a JSON object)")
             self._data_offset = f.tell()
 
     def __iter__(self) -> Iterator[Frame]:
@@ -181,13 +189,38 @@ class RecordingReader:
                     self.truncated_tail = True
                     return
                 if kind == KIND_END:
-                    try:
-                        self.trailer = json.loads(data)
-                    except ValueError:
-                        self.trailer = {}
+                    self._read_trailer(data)
+                    rest = len(f.read())
+                    if rest:
+                        self.damage.append(
+                            f"end marker at record {self.frames_read + 1} but {rest} more bytes "
+                            "follow: the rest of the file was skipped"
+                        )
                     return
                 self.frames_read += 1
+                if recv_wall_ns > time.time_ns() + _FUTURE_SLACK_NS:  # u64: never < 0
+                    self.damage.append(
+                        f"record {self.frames_read}: receive time {recv_wall_ns} ns is not "
+                        "a plausible wall-clock time (far future): skipped"
+                    )
+                    continue
                 yield Frame(kind, recv_wall_ns, data)
+
+    def _read_trailer(self, data: bytes) -> None:
+        try:
+            trailer = json.loads(data)
+        except (ValueError, RecursionError):
+            trailer = None
+        if not isinstance(trailer, dict):
+            self.damage.append("corrupt trailer (not a JSON object)")
+            self.trailer = {}
+            return
+        self.trailer = trailer
+        frames = trailer.get("frames")
+        if isinstance(frames, int) and frames != self.frames_read:
+            self.damage.append(
+                f"the trailer says {frames} frames were written, {self.frames_read} were read"
+            )
 
     def raw_frames(self) -> Iterator[Frame]:
         """Only the engine -> sidecar frames (kinds this version knows how to replay)."""
@@ -241,6 +274,8 @@ def replay_into(
     reproduce the recorded gaps (divided by ``speed``). ``on_frame(frames, recv_wall_ns)``
     runs after each frame (the caller ticks the telemetry on the recorded clock).
     """
+    if not (math.isfinite(speed) and speed > 0):
+        raise RecordingError(f"speed must be a finite number > 0, not {speed}")
     stats = ReplayStats()
     ingest = sidecar.ingest
     start_mono = time.monotonic()
@@ -252,6 +287,11 @@ def replay_into(
         if realtime:
             due = start_mono + (frame.recv_wall_ns - stats.first_wall_ns) / 1e9 / speed
             delay = due - time.monotonic()
+            if not delay <= _MAX_REALTIME_GAP_S:  # also inf/nan from a tiny speed
+                raise RecordingError(
+                    f"--realtime would wait {delay:.3g} s before record {stats.frames + 1} "
+                    f"(speed {speed:g}); use a higher --speed or no --realtime"
+                )
             if delay > 0:
                 time.sleep(delay)
         stats.last_wall_ns = frame.recv_wall_ns

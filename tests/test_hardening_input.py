@@ -183,3 +183,98 @@ def test_metrics_server_bounds_idle_connections_and_times_them_out() -> None:
         for sock in idle:
             sock.close()
         srv.close()
+
+
+# -- damaged recordings -------------------------------------------------------------------------
+
+
+def _recording(path, n: int = 20) -> bytes:
+    from schedscope.telemetry.recording import RecordingWriter
+
+    now = time.time_ns()
+    with RecordingWriter(path) as w:
+        for i in range(n):
+            w.write(good_frame(seq=i, engine_id="rec"), now + i * 1_000_000)
+    return path.read_bytes()
+
+
+def _replay(path, *extra: str):
+    import subprocess
+    import sys
+
+    return subprocess.run(
+        [sys.executable, "-m", "schedscope", "replay", str(path), "--out-dir",
+         str(path.parent / "out"), *extra],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+
+
+def _flip_record_kind(data: bytes, index: int, kind: int) -> bytes:
+    """Set the kind byte of record ``index`` (walking the real record headers)."""
+    from schedscope.telemetry import recording as rec
+
+    _, _, meta_len = rec._HEADER.unpack(data[: rec._HEADER.size])
+    off = rec._HEADER.size + meta_len
+    for _ in range(index):
+        _, length, _ = rec._RECORD.unpack(data[off : off + rec._RECORD.size])
+        off += rec._RECORD.size + length
+    return data[:off] + bytes([kind]) + data[off + 1 :]
+
+
+def test_an_end_marker_in_the_middle_is_reported_as_damage(tmp_path) -> None:
+    from schedscope.telemetry.recording import KIND_END, RecordingReader
+
+    path = tmp_path / "r.ssrec"
+    data = _recording(path)
+    path.write_bytes(_flip_record_kind(data, 3, KIND_END))
+    reader = RecordingReader(path)
+    assert len(list(reader.raw_frames())) == 3
+    assert any("more bytes follow" in d for d in reader.damage)
+    done = _replay(path)
+    assert done.returncode != 0
+    assert "damaged recording" in done.stderr + done.stdout
+    assert "Traceback" not in done.stderr
+
+
+def test_an_intact_recording_replays_with_success(tmp_path) -> None:
+    path = tmp_path / "r.ssrec"
+    _recording(path)
+    done = _replay(path)
+    assert done.returncode == 0, done.stderr
+    from schedscope.telemetry.recording import RecordingReader
+
+    assert RecordingReader(path).damage == []
+
+
+def test_crafted_header_trailer_and_far_future_times_are_one_line_errors(tmp_path) -> None:
+    import json
+
+    from schedscope.telemetry import recording as rec
+
+    path = tmp_path / "r.ssrec"
+    meta = b"[1, 2]"
+    head = rec._HEADER.pack(rec.MAGIC, rec.VERSION, len(meta)) + meta
+    path.write_bytes(head)
+    done = _replay(path)
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    assert "corrupt header" in done.stderr + done.stdout
+    # A trailer that is not an object, and a far-future receive time.
+    meta = json.dumps({}).encode()
+    body = rec._HEADER.pack(rec.MAGIC, rec.VERSION, len(meta)) + meta
+    frame = good_frame(seq=0, engine_id="rec")
+    body += rec._RECORD.pack(rec.KIND_RAW_EVENTS, len(frame), 2**64 - 1) + frame
+    body += rec._RECORD.pack(rec.KIND_END, 2, 1) + b"[]"
+    path.write_bytes(body)
+    reader = rec.RecordingReader(path)
+    assert list(reader) == [] and len(reader.damage) == 2
+    done = _replay(path)
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    assert "damaged recording" in done.stderr + done.stdout
+
+
+def test_a_tiny_speed_is_a_one_line_error(tmp_path) -> None:
+    path = tmp_path / "r.ssrec"
+    _recording(path)
+    done = _replay(path, "--realtime", "--speed", "1e-300")
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    assert "use a higher --speed" in done.stderr + done.stdout
