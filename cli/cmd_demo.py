@@ -77,7 +77,6 @@ def demo(
     # Everything checked before the sidecar process starts: a bad value is one line.
     require_engine("schedscope demo")
     check_model("schedscope demo", s.model)
-    console.print("loading torch...", style="dim")
     check_device("schedscope demo", s.device)
     out = make_out_dir(s.out_dir.resolve(), "demo")
     # ipc paths must stay short (sun_path): /tmp, not the output folder.
@@ -92,6 +91,8 @@ def demo(
             console.print(f"/metrics while it runs: [bold]{sidecar.metrics_url}[/bold]")
         if s.otlp_endpoint:
             console.print(f"exporting OTLP to {s.otlp_endpoint}")
+        # Importing torch and building the model takes seconds: say so, not a silent wait.
+        console.print("starting the engine (importing torch, building the model)...")
         workload = _Workload(s, endpoint, stop).run()
     finally:
         code = sidecar.stop()
