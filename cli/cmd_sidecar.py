@@ -82,6 +82,8 @@ def sidecar(
     err.print(f"schedscope sidecar {verb} {ingest.bound_endpoint}", markup=False)
     if app.metrics_url:
         err.print(f"/metrics on {app.metrics_url}", markup=False)
+    for line in _otlp_lines(s):
+        err.print(line, markup=False)
     for name, path in app.files.items():
         err.print(f"writing {name} to {path}", markup=False)
     if app.kv_ingest is not None:
@@ -110,6 +112,27 @@ def sidecar(
     final = _Reporter(app.sidecar)
     final.tick(lambda _: None, force=True)
     err.print(f"schedscope sidecar stopped: {final.totals_line()}", markup=False)
+
+
+def _otlp_lines(s) -> list[str]:
+    """Where OTLP goes (the banner said nothing about it): per signal, endpoint and protocol."""
+    from schedscope.cli.sidecar_app import _export_config
+
+    config = _export_config(s)
+    try:
+        targets = {
+            "traces": config.traces_endpoint_resolved(),
+            "metrics": config.metrics_endpoint_resolved(),
+        }
+    except ValueError:  # already reported by build_sidecar_app; never fail the banner
+        return []
+    if not any(targets.values()):
+        return ["OTLP export off (set --otlp-endpoint or $OTEL_EXPORTER_OTLP_ENDPOINT)"]
+    return [
+        f"OTLP {signal} to {ep} ({config.protocol_for(signal)})"
+        for signal, ep in targets.items()
+        if ep
+    ]
 
 
 class _Reporter:

@@ -201,3 +201,22 @@ def test_help_shows_env_vars_and_defaults(cmd, capsys, monkeypatch):
         default = COMMAND_DEFAULTS[cmd].get(key, OPTIONS[key].default)
         if default is not None:
             assert f"default: {default}" in text, key
+
+
+def test_sidecar_banner_says_where_otlp_goes(monkeypatch):
+    from schedscope.cli.cmd_sidecar import _otlp_lines
+    from schedscope.cli.common import load_settings
+
+    for k in list(os.environ):
+        if k.startswith(("SCHEDSCOPE_", "OTEL_")):
+            monkeypatch.delenv(k)
+    off = load_settings("sidecar", {}, None, environ={})
+    assert _otlp_lines(off) == [
+        "OTLP export off (set --otlp-endpoint or $OTEL_EXPORTER_OTLP_ENDPOINT)"
+    ]
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4317")
+    on = load_settings("sidecar", {}, None)
+    assert _otlp_lines(on) == [
+        "OTLP traces to http://collector:4317 (grpc)",
+        "OTLP metrics to http://collector:4317 (grpc)",
+    ]
