@@ -35,6 +35,7 @@ def sidecar(
         help="Bind the endpoint (engines connect to it) or connect to an engine that binds. "
         "(env: $SCHEDSCOPE_CONNECT)",
         show_default=False,
+        metavar="",
     ),
     queue_size: Optional[int] = flag("queue_size"),
     max_message_bytes: Optional[str] = flag("max_message_bytes"),
@@ -62,7 +63,10 @@ def sidecar(
     duration: Optional[float] = flag("duration"),
     log_level: Optional[str] = flag("log_level"),
     summary: bool = typer.Option(
-        True, "--summary/--no-summary", help="Print a live per-second event summary."
+        True,
+        "--summary/--no-summary",
+        help="Print a live per-second event summary. (default: on)",
+        metavar="",
     ),
     config: Optional[Path] = config_flag(),
 ) -> None:

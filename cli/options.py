@@ -156,7 +156,11 @@ def flag(key: str, *, short: str | None = None) -> Any:
     if short:
         names.append(short)
     # Parentheses, not [..]: typer's rich help takes square brackets for markup and drops them.
-    return typer.Option(None, *names, help=f"{opt.help} (env: {env})", show_default=False)
+    # A --x/--no-x pair takes no value: no "<bool>" placeholder.
+    metavar = "" if opt.parse is parse_bool else None
+    return typer.Option(
+        None, *names, help=f"{opt.help} (env: {env})", show_default=False, metavar=metavar
+    )
 
 
 CONFIG_FLAG_HELP = "TOML config file (keys = option names; see README). (env: $SCHEDSCOPE_CONFIG)"

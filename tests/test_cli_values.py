@@ -220,3 +220,11 @@ def test_sidecar_banner_says_where_otlp_goes(monkeypatch):
         "OTLP traces to http://collector:4317 (grpc)",
         "OTLP metrics to http://collector:4317 (grpc)",
     ]
+
+
+@pytest.mark.parametrize("cmd", COMMANDS)
+def test_help_has_no_bool_placeholder(cmd, capsys):
+    assert run([cmd, "--help"]) == 0
+    # (typer itself gives its own --help line a <bool>; every option of ours has none)
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if "--help" not in ln]
+    assert not [ln for ln in lines if "<bool>" in ln]
