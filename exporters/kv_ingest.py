@@ -168,6 +168,10 @@ class KvIngest:
             elif seq > last + 1:
                 self.stats.add("kv_batches", self.name, "gap")
                 self._fill_gap(last + 1, seq)
+        elif seq > 0 and self._dealer is not None:
+            # Joined late: the first frame seen is seq N > 0; fetch 0..N-1 as routers do.
+            self.stats.add("kv_batches", self.name, "late_join")
+            self._fill_gap(0, seq)
         self._deliver(seq, frames[2], replayed=False)
         self.last_seq = seq
 

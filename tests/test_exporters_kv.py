@@ -443,3 +443,40 @@ def test_relay_lag_is_exported_for_the_dashboard_and_alert() -> None:
     finally:
         relay.close()
         ctx.term()
+
+
+def test_ingest_joining_late_fetches_the_history_from_replay() -> None:
+    """First frame seen is seq 3 (the sidecar started after the engine): 0..2 come from replay."""
+    ctx = zmq.Context()
+    stats = ExportStats()
+    engine = RawEnginePublisher(ctx)
+    got: list[IngestedKvBatch] = []
+    done = threading.Event()
+
+    def on_batch(b: IngestedKvBatch) -> None:
+        got.append(b)
+        if len(got) == 4:
+            done.set()
+
+    ingest = KvIngest(
+        engine.endpoint,
+        replay_endpoint=engine.replay_endpoint,
+        on_batch=on_batch,
+        stats=stats,
+        context=ctx,
+    ).start()
+    try:
+        engine.wait_subscriber()
+        for seq in range(3):
+            engine.send(seq, sglang_payload(seq), live=False)  # before the sidecar was there
+        engine.send(3, sglang_payload(3))
+        assert done.wait(10)
+        assert [b.seq for b in got] == [0, 1, 2, 3]
+        assert [b.replayed for b in got] == [True, True, True, False]
+        assert engine.replay_requests == [0]
+        assert stats.get("kv_batches", "kv_ingest", "late_join") == 1
+        assert stats.get("kv_batches", "kv_ingest", "lost") == 0
+    finally:
+        ingest.close()
+        engine.close()
+        ctx.term()
