@@ -25,6 +25,7 @@ with "request"; the engine is the attribute ending in ``engine_id`` (else the re
 from __future__ import annotations
 
 import json
+import math
 import os
 import threading
 from collections.abc import Mapping, Sequence
@@ -74,9 +75,12 @@ def _batch_mode(name: str, attrs: Mapping[str, Any]) -> str | None:
 
 
 def _plain(value: Any) -> Any:
+    # NaN/Infinity are not JSON: written as null so the file stays loadable.
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
     if isinstance(value, (str, int, float, bool)) or value is None:
         return value
-    return list(value)  # OTel sequences (tuples) -> JSON arrays
+    return [_plain(v) for v in value]  # OTel sequences (tuples) -> JSON arrays
 
 
 class PerfettoSpanExporter(SpanExporter):
@@ -275,6 +279,6 @@ class PerfettoSpanExporter(SpanExporter):
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(self.path.name + ".tmp")
         with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(doc, f, separators=(",", ":"))
+            json.dump(doc, f, separators=(",", ":"), allow_nan=False)
         os.replace(tmp, self.path)
         return self.path

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from google.protobuf import json_format
 from opentelemetry import trace
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
@@ -206,3 +207,20 @@ def test_otlp_json_lines_are_the_default_without_endpoint_and_parse_back(tmp_pat
     assert "sglang.e2e_request_latency" in names
     assert stats.get("lines", "otlp_file", "written") == len(lines) + 1
     assert (tmp_path / "sched.json").exists()  # Perfetto written on shutdown
+
+
+def test_perfetto_json_stays_valid_with_nan_and_infinity(tmp_path: Path) -> None:
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+
+    exporter = PerfettoSpanExporter(tmp_path / "nan.json", stats=ExportStats())
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    with provider.get_tracer("t").start_as_current_span("admin") as span:
+        span.set_attribute("x.nan", float("nan"))
+        span.set_attribute("x.inf", [1.0, float("inf")])
+    exporter.write()
+    text = (tmp_path / "nan.json").read_text()
+    doc = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
+    args = next(e["args"] for e in doc["traceEvents"] if e.get("name") == "admin")
+    assert args["x.nan"] is None and args["x.inf"] == [1.0, None]
